@@ -1,0 +1,74 @@
+"""nativert: delegate parts of a torch.export program to real inference runtimes.
+
+    import torch, nativert
+    ep = torch.export.export(model, (x,))
+    delegated = nativert.to_backend(ep)     # still an ExportedProgram
+    delegated.module()(x)
+"""
+
+from nativert.backend.delegate import (
+    Availability,
+    CompileSpec,
+    Delegate,
+    DelegateExecutor,
+    get_delegate,
+    list_delegates,
+    register_delegate,
+    unregister_delegate,
+)
+from nativert.backend.delegates import register_builtin_delegates as _register_builtins
+from nativert.backend.lowering import delegate_nodes
+from nativert.backend.to_backend import to_backend
+from nativert.call_delegate import call_delegate
+from nativert.errors import (
+    DelegateCallError,
+    DelegateCompileError,
+    DelegateUnavailableError,
+    LoweringError,
+    NativertError,
+    PartitionError,
+    UnknownDelegateError,
+    WeightsError,
+)
+from nativert.lowered import LoweredBackendModule
+from nativert.partitioner import (
+    AllNodePartitioner,
+    CapabilityPartitioner,
+    DelegationSpec,
+    Partitioner,
+    PartitionResult,
+)
+from nativert.passes import PassResult
+
+_register_builtins()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AllNodePartitioner",
+    "Availability",
+    "CapabilityPartitioner",
+    "CompileSpec",
+    "Delegate",
+    "DelegateCallError",
+    "DelegateCompileError",
+    "DelegateExecutor",
+    "DelegateUnavailableError",
+    "DelegationSpec",
+    "LoweredBackendModule",
+    "LoweringError",
+    "NativertError",
+    "PartitionError",
+    "PartitionResult",
+    "Partitioner",
+    "PassResult",
+    "UnknownDelegateError",
+    "WeightsError",
+    "call_delegate",
+    "delegate_nodes",
+    "get_delegate",
+    "list_delegates",
+    "register_delegate",
+    "to_backend",
+    "unregister_delegate",
+]

@@ -1,0 +1,1 @@
+"""Compile-time and run-time backend machinery: delegates, lowering, to_backend."""

@@ -1,0 +1,298 @@
+"""The one shared lowering step: tagged regions -> LoweredBackendModule + call_delegate.
+
+Given a functional ExportedProgram whose nodes carry node.meta["delegation_tag"], each tagged
+region is fused into a submodule, turned into its own ExportedProgram (the segment's reference
+program), compiled by its delegate, and replaced by `get_attr` + `call_delegate` + getitems.
+
+Weights: a parameter, buffer or constant used only by one region (and not mutated) is owned
+by that segment: it is a weight in the segment's signature, so the delegate compiles it in.
+Anything else (shared weights, mutated buffers, activations) is a plain segment input. In both
+cases the top-level program keeps the one tensor and passes it to call_delegate, so nothing
+is duplicated in memory and gradients reach every parameter. Mutations stay at the top level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch.export import ExportedProgram
+from torch.export.exported_program import ModuleCallEntry, ModuleCallSignature
+from torch.export.graph_signature import (
+    ExportGraphSignature,
+    InputKind,
+    InputSpec,
+    OutputKind,
+    OutputSpec,
+    SymIntArgument,
+    TensorArgument,
+)
+from torch.fx import GraphModule, Node
+from torch.fx.passes.utils.fuser_utils import fuse_by_partitions, validate_partition
+
+from nativert._program import WEIGHT_KINDS
+from nativert.backend.delegate import get_delegate, require_available
+from nativert.call_delegate import HOP_NAME, call_delegate
+from nativert.errors import DelegateCompileError, PartitionError
+from nativert.lowered import LoweredBackendModule
+from nativert.partitioner.base import TAG_KEY, DelegationSpec
+
+_SEGMENT_PREFIX = "_nativert_segment_"
+
+
+def _argument(node: Node) -> TensorArgument | SymIntArgument:
+    if isinstance(node.meta.get("val"), torch.SymInt):
+        return SymIntArgument(name=node.name)
+    return TensorArgument(name=node.name)
+
+
+def check_tags(program: ExportedProgram, tags: Mapping[str, DelegationSpec]) -> dict[str, list[Node]]:
+    """Validate a partitioner's tags; return the tagged call_function nodes per tag."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    regions: dict[str, list[Node]] = {}
+    for node in program.graph.nodes:
+        tag = node.meta.get(TAG_KEY)
+        if tag is None:
+            continue
+        if node.op == "output":
+            raise PartitionError(
+                f"the partitioner tagged the output node with {tag!r}; only compute nodes "
+                "can be delegated"
+            )
+        if node.op == "placeholder":
+            if node.name in user_inputs:
+                raise PartitionError(
+                    f"the partitioner tagged user input {node.name!r} with {tag!r}; inputs "
+                    "cannot be delegated, only the nodes that use them"
+                )
+            continue  # weights: ownership is derived from their users
+        if node.op != "call_function":
+            continue
+        if tag not in tags:
+            raise PartitionError(
+                f"node {node.name!r} ({node.target}) is tagged {tag!r}, which is not in the "
+                f"partition result's tags {sorted(tags)}"
+            )
+        regions.setdefault(tag, []).append(node)
+    return regions
+
+
+def _segment_program(
+    program: ExportedProgram,
+    sub_gm: GraphModule,
+    outer_args: tuple[Node, ...],
+    owner_call: Node,
+) -> tuple[ExportedProgram, list[Node], list[int]]:
+    """Build the segment's ExportedProgram; return it, the outer args in its order, and which
+    of them the top level mutates after the call."""
+    sig = program.graph_signature
+    kinds = {spec.arg.name: spec for spec in sig.input_specs}
+    mutated_buffers = set(sig.buffers_to_mutate.values())
+    mutated_inputs = set(sig.user_inputs_to_mutate.values())
+    mutated_names = {
+        spec.arg.name
+        for spec in sig.input_specs
+        if (spec.kind == InputKind.BUFFER and spec.target in mutated_buffers)
+        or (spec.kind == InputKind.USER_INPUT and spec.arg.name in mutated_inputs)
+    }
+
+    placeholders = [n for n in sub_gm.graph.nodes if n.op == "placeholder"]
+    owned, inputs = [], []
+    for inner, outer in zip(placeholders, outer_args):
+        spec = kinds.get(outer.name) if outer.op == "placeholder" else None
+        is_owned = (
+            spec is not None
+            and spec.kind in WEIGHT_KINDS
+            and outer.name not in mutated_names
+            and set(outer.users) == {owner_call}
+        )
+        (owned if is_owned else inputs).append((inner, outer, spec))
+    kind_order = {InputKind.PARAMETER: 0, InputKind.BUFFER: 1, InputKind.CONSTANT_TENSOR: 2}
+    owned.sort(key=lambda item: kind_order[item[2].kind])
+    ordered = owned + inputs
+
+    # Weights first, then inputs: ExportedProgram's placeholder order.
+    anchor = next(n for n in sub_gm.graph.nodes if n.op != "placeholder")
+    for inner, _, _ in ordered:
+        anchor.prepend(inner)
+
+    input_specs = []
+    state_dict: dict[str, torch.Tensor] = {}
+    constants: dict[str, Any] = {}
+    for inner, _, spec in owned:
+        input_specs.append(
+            InputSpec(spec.kind, TensorArgument(name=inner.name), spec.target, spec.persistent)
+        )
+        if spec.target in program.state_dict:
+            state_dict[spec.target] = program.state_dict[spec.target]
+        else:
+            constants[spec.target] = program.constants[spec.target]
+    for inner, _, _ in inputs:
+        input_specs.append(InputSpec(InputKind.USER_INPUT, _argument(inner), None))
+
+    output_node = sub_gm.graph.output_node()
+    outputs = list(output_node.args[0])
+    output_specs = [OutputSpec(OutputKind.USER_OUTPUT, _argument(n), None) for n in outputs]
+    sub_gm.graph.lint()
+    sub_gm.recompile()
+
+    input_vals = tuple(inner.meta.get("val") for inner, _, _ in inputs)
+    in_spec = pytree.tree_flatten((input_vals, {}))[1]
+    out_spec = pytree.tree_flatten(tuple(n.meta.get("val") for n in outputs))[1]
+    call_graph = [
+        ModuleCallEntry(
+            "",
+            ModuleCallSignature(
+                inputs=[_argument(inner) for inner, _, _ in inputs],
+                outputs=[_argument(n) for n in outputs],
+                in_spec=in_spec,
+                out_spec=out_spec,
+            ),
+        )
+    ]
+    segment = ExportedProgram(
+        root=sub_gm,
+        graph=sub_gm.graph,
+        graph_signature=ExportGraphSignature(input_specs, output_specs),
+        state_dict=state_dict,
+        range_constraints=dict(program.range_constraints),
+        module_call_graph=call_graph,
+        constants=constants,
+        verifiers=program.verifiers,
+    )
+    outer_ordered = [outer for _, outer, _ in ordered]
+    mutated_idx = [i for i, outer in enumerate(outer_ordered) if outer.name in mutated_names]
+    return segment, outer_ordered, mutated_idx
+
+
+def compile_segment(
+    segment: ExportedProgram,
+    spec: DelegationSpec,
+    tag: str,
+    *,
+    owns_weights: bool = False,
+) -> LoweredBackendModule:
+    """Run the delegate's preprocess on `segment` and wrap the payload in a lowered module."""
+    delegate = get_delegate(spec.backend_id)
+    require_available(delegate)
+    try:
+        payload = delegate.preprocess(segment, list(spec.compile_specs))
+    except DelegateCompileError:
+        raise
+    except Exception as exc:
+        ops = sorted({str(n.target) for n in segment.graph.nodes if n.op == "call_function"})
+        raise DelegateCompileError(
+            f"delegate {spec.backend_id!r} failed to compile segment {tag!r} "
+            f"(ops: {', '.join(ops)}): {type(exc).__name__}: {exc}"
+        ) from exc
+    return LoweredBackendModule(
+        backend_id=spec.backend_id,
+        processed_bytes=payload,
+        compile_specs=list(spec.compile_specs),
+        original_module=segment,
+        module_name=tag,
+        owns_weights=owns_weights,
+    )
+
+
+def lower_tagged_program(
+    program: ExportedProgram, tags: Mapping[str, DelegationSpec]
+) -> ExportedProgram:
+    """Replace every tagged region of `program` (modified in place) by a delegate call."""
+    regions = check_tags(program, tags)
+    gm = program.graph_module
+    old_outputs = [spec.arg.name for spec in program.graph_signature.output_specs]
+
+    for index, (tag, nodes) in enumerate(regions.items()):
+        if not validate_partition(nodes):
+            raise PartitionError(
+                f"region {tag!r} ({len(nodes)} nodes, e.g. {[n.name for n in nodes[:5]]}) "
+                "cannot be fused: a path leaves it and comes back, so fusing would create a "
+                "cycle; split it into regions that are closed under such paths"
+            )
+        fuse_by_partitions(
+            gm, [dict.fromkeys(nodes)], prefix=f"{_SEGMENT_PREFIX}{index}_",
+            always_return_tuple=True,
+        )
+        call_node = next(
+            n for n in gm.graph.nodes
+            if n.op == "call_module" and n.target.startswith(f"{_SEGMENT_PREFIX}{index}_")
+        )
+        sub_gm = getattr(gm, call_node.target)
+        segment, outer_args, mutated_idx = _segment_program(
+            program, sub_gm, call_node.args, call_node
+        )
+        lowered = compile_segment(segment, tags[tag], tag)
+        lowered.mutated_arg_indices = frozenset(mutated_idx)
+        attr = f"lowered_{tag}"
+        gm.add_submodule(attr, lowered)
+        with gm.graph.inserting_before(call_node):
+            module_node = gm.graph.get_attr(attr)
+            hop_node = gm.graph.create_node(
+                "call_function", call_delegate, (module_node, *outer_args),
+                name=f"{HOP_NAME}_{tag}",
+            )
+        hop_node.meta.update(call_node.meta)
+        hop_node.meta[TAG_KEY] = tag
+        call_node.replace_all_uses_with(hop_node)
+        gm.graph.erase_node(call_node)
+        gm.delete_submodule(call_node.target)
+
+    gm.graph.lint()
+    gm.recompile()
+    return _rebind(program, gm, old_outputs)
+
+
+def _rebind(program: ExportedProgram, gm: GraphModule, old_outputs: list[str]) -> ExportedProgram:
+    """A new ExportedProgram over `gm` whose signature names the current output nodes."""
+    output_args = gm.graph.output_node().args[0]
+    renamed = {
+        old: arg.name for old, arg in zip(old_outputs, output_args) if isinstance(arg, Node)
+    }
+    sig = program.graph_signature
+    output_specs = []
+    for spec, arg in zip(sig.output_specs, output_args):
+        if isinstance(spec.arg, (TensorArgument, SymIntArgument)) and isinstance(arg, Node):
+            spec = OutputSpec(spec.kind, type(spec.arg)(name=arg.name), spec.target)
+        output_specs.append(spec)
+
+    call_graph = []
+    for entry in program.module_call_graph:
+        signature = entry.signature
+        if signature is not None and entry.fqn == "":
+            outputs = [
+                type(a)(name=renamed.get(a.name, a.name))
+                if isinstance(a, (TensorArgument, SymIntArgument)) else a
+                for a in signature.outputs
+            ]
+            signature = ModuleCallSignature(
+                inputs=signature.inputs,
+                outputs=outputs,
+                in_spec=signature.in_spec,
+                out_spec=signature.out_spec,
+                forward_arg_names=signature.forward_arg_names,
+            )
+        call_graph.append(ModuleCallEntry(entry.fqn, signature))
+
+    return ExportedProgram(
+        root=gm,
+        graph=gm.graph,
+        graph_signature=ExportGraphSignature(list(sig.input_specs), output_specs),
+        state_dict=program.state_dict,
+        range_constraints=program.range_constraints,
+        module_call_graph=call_graph,
+        example_inputs=program.example_inputs,
+        constants=program.constants,
+        verifiers=program.verifiers,
+    )
+
+
+def delegate_nodes(program: ExportedProgram) -> list[Node]:
+    """The call_delegate nodes of a program, in graph order."""
+    return [
+        n for n in program.graph.nodes
+        if n.op == "call_function" and n.target is call_delegate
+    ]
+

@@ -1,0 +1,140 @@
+"""`to_backend`: delegate parts of an ExportedProgram, or all of it, to real runtimes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, overload
+
+from torch.export import ExportedProgram
+
+from nativert.backend.delegate import dict_to_specs, get_delegate, list_delegates, require_available
+from nativert.backend.lowering import compile_segment, lower_tagged_program
+from nativert.errors import LoweringError, PartitionError
+from nativert.lowered import LoweredBackendModule
+from nativert.partitioner.base import DelegationSpec, Partitioner
+from nativert.partitioner.capability import CapabilityPartitioner, op_name
+from nativert.passes import PassResult, decompose_to_core_aten
+
+Pass = Callable[[ExportedProgram], PassResult]
+
+
+@overload
+def to_backend(
+    program: ExportedProgram,
+    partitioner: Partitioner | None = None,
+    *,
+    passes: Sequence[Pass] = (),
+) -> ExportedProgram: ...
+
+
+@overload
+def to_backend(
+    backend_id: str,
+    program: ExportedProgram,
+    *,
+    compile_specs: Mapping[str, Any] | None = None,
+) -> LoweredBackendModule: ...
+
+
+def to_backend(first: Any, second: Any = None, **kwargs: Any) -> Any:
+    """Delegate a program to backends.
+
+    `to_backend(ep, partitioner=None)` partitions `ep` (default: every node to the
+    highest-priority available delegate that supports it) and returns an ExportedProgram whose
+    regions run through `call_delegate`. `to_backend("eager", ep)` lowers the whole program to
+    one delegate and returns a LoweredBackendModule; calling it runs the program.
+
+    Example::
+
+        ep = torch.export.export(model, (x,))
+        delegated = nativert.to_backend(ep)
+        delegated.module()(x)
+    """
+    if isinstance(first, str):
+        return _lower_whole(first, second, **kwargs)
+    if isinstance(first, ExportedProgram):
+        return _lower_partitioned(first, second, **kwargs)
+    raise TypeError(
+        "to_backend takes (ExportedProgram, partitioner=None) or (backend_id: str, "
+        f"ExportedProgram), got ({type(first).__name__}, {type(second).__name__})"
+    )
+
+
+def _preserved_ops(backend_ids: Sequence[str]) -> frozenset:
+    ops: frozenset = frozenset()
+    for backend_id in backend_ids:
+        ops |= get_delegate(backend_id).ops_to_preserve()
+    return ops
+
+
+def _fingerprint(program: ExportedProgram) -> list[tuple[str, str, str]]:
+    return [(n.name, n.op, str(n.target)) for n in program.graph.nodes]
+
+
+def _run_passes(program: ExportedProgram, passes: Sequence[Pass]) -> ExportedProgram:
+    for fn in passes:
+        program = fn(program).program
+    return program
+
+
+def _lower_partitioned(
+    program: ExportedProgram,
+    partitioner: Partitioner | None = None,
+    *,
+    passes: Sequence[Pass] = (),
+) -> ExportedProgram:
+    if partitioner is None:
+        partitioner = CapabilityPartitioner()
+    if not isinstance(partitioner, Partitioner):
+        raise TypeError(
+            f"partitioner must have a partition(program) method, got {type(partitioner).__name__}"
+        )
+    candidates = getattr(partitioner, "delegates", None) or list_delegates(available_only=True)
+    # Decomposition always runs: segments must be functional, so mutations stay outside them.
+    # It also gives us a program of our own to tag and rewrite; the caller's is untouched.
+    program = decompose_to_core_aten(program, preserve=_preserved_ops(candidates)).program
+    program = _run_passes(program, passes)
+
+    before = _fingerprint(program)
+    result = partitioner.partition(program)
+    tagged = result.tagged_program
+    if tagged is not program or _fingerprint(tagged) != before:
+        raise PartitionError(
+            f"partitioner {type(partitioner).__name__} changed the program; partitioners may "
+            "only set node.meta['delegation_tag'] on the program they are given"
+        )
+    return lower_tagged_program(tagged, result.tags)
+
+
+def _lower_whole(
+    backend_id: str,
+    program: ExportedProgram,
+    *,
+    compile_specs: Mapping[str, Any] | None = None,
+) -> LoweredBackendModule:
+    if not isinstance(program, ExportedProgram):
+        raise TypeError(
+            f"to_backend({backend_id!r}, program) needs an ExportedProgram, "
+            f"got {type(program).__name__}"
+        )
+    delegate = get_delegate(backend_id)
+    require_available(delegate)
+    program = decompose_to_core_aten(program, preserve=delegate.ops_to_preserve()).program
+    unsupported = []
+    for node in program.graph.nodes:
+        if node.op == "call_function":
+            reason = delegate.check_support(node)
+            if reason is not None:
+                unsupported.append(f"{node.name} ({op_name(node.target)}): {reason}")
+    if unsupported:
+        shown = "\n  ".join(unsupported[:10])
+        more = f"\n  ... and {len(unsupported) - 10} more" if len(unsupported) > 10 else ""
+        raise LoweringError(
+            f"delegate {backend_id!r} cannot run the whole program; unsupported nodes:\n  "
+            f"{shown}{more}\nuse to_backend(program, partitioner) to delegate only what it "
+            "supports"
+        )
+    spec = DelegationSpec(backend_id, tuple(dict_to_specs(compile_specs)))
+    return compile_segment(
+        program, spec, f"{backend_id}_program", owns_weights=True
+    )

@@ -1,0 +1,38 @@
+"""Exceptions raised by nativert. Every message names the node, input or file involved."""
+
+from __future__ import annotations
+
+
+class NativertError(Exception):
+    """Base class of every error nativert raises on purpose."""
+
+
+class UnknownDelegateError(NativertError, KeyError):
+    """A backend id that no registered delegate answers to."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+class DelegateUnavailableError(NativertError):
+    """The delegate exists but its runtime cannot be used on this machine."""
+
+
+class DelegateCompileError(NativertError):
+    """A delegate failed to compile (preprocess) a segment."""
+
+
+class PartitionError(NativertError):
+    """A partitioner produced tags that cannot be lowered."""
+
+
+class LoweringError(NativertError):
+    """A program could not be lowered (unsupported node, bad signature, ...)."""
+
+
+class DelegateCallError(NativertError, TypeError):
+    """A lowered module or delegate executor was called with the wrong inputs."""
+
+
+class WeightsError(NativertError, ValueError):
+    """Weights given to a delegate do not match what it was compiled for."""

@@ -1,0 +1,291 @@
+"""LoweredBackendModule: a delegated segment, as torch's export verifier knows it.
+
+The class name and the fields `backend_id: str`, `processed_bytes: bytes`,
+`compile_specs: list` and `original_module` are what torch's verifier requires of a module
+reached by `get_attr` (torch/_export/verifier.py): do not rename them.
+
+A lowered module is called through `call_delegate(lowered, *flat_args)` where `flat_args` are
+the segment's placeholders in order: its weights first, then its inputs. Passing weights
+explicitly is what lets gradients reach parameters and keeps the reference program weight-free.
+
+Two flavours share one runtime:
+- a *view* (`owns_weights=False`): what graphs hold. It has no parameters of its own; the
+  program passes the weights. `to_backend(ep, partitioner)` creates these.
+- an *owning* module (`owns_weights=True`): what `to_backend("eager", ep)` returns. It
+  registers the weights as its parameters and buffers, so calling it runs the program, and a
+  wrapper that calls it can be exported or compiled with the weights lifted as usual.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+
+from nativert._program import weight_names, weight_tensor
+from nativert.backend.delegate import CompileSpec, DelegateExecutor, get_delegate
+from nativert.errors import DelegateCallError
+
+
+class DelegateRuntime:
+    """A delegate executor plus which weights it is bound to.
+
+    Callers of call_delegate pass weights on every call. The executor is (re)initialised only
+    when they are other tensors, or the same tensors changed in place (an optimizer step bumps
+    the version counter), so a delegate never runs with stale weights.
+    """
+
+    def __init__(self, executor: DelegateExecutor, names: tuple[str, ...]) -> None:
+        self.executor = executor
+        self.weight_names = names
+        self._lock = threading.Lock()
+        self._bound_refs: tuple[torch.Tensor, ...] = ()
+        self._bound_key: tuple[tuple[int, int], ...] | None = None
+
+    @staticmethod
+    def _key(weights: Sequence[torch.Tensor]) -> tuple[tuple[int, int], ...]:
+        return tuple((id(w), w._version) for w in weights)
+
+    def bind(self, weights: Sequence[torch.Tensor]) -> None:
+        key = self._key(weights)
+        if key == self._bound_key:
+            return
+        with self._lock:
+            if key != self._bound_key:
+                self.executor.init_weights(dict(zip(self.weight_names, weights)))
+                # Holding the tensors keeps their ids from being reused while bound.
+                self._bound_refs = tuple(weights)
+                self._bound_key = key
+
+    def run(self, flat_args: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+        n = len(self.weight_names)
+        self.bind(flat_args[:n])
+        return self.executor.run(flat_args[n:])
+
+
+def _attr_name(target: str, taken: set[str]) -> str:
+    base = target.replace(".", "_") or "weight"
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
+class LoweredBackendModule(torch.nn.Module):
+    """A segment compiled by one delegate. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        backend_id: str,
+        processed_bytes: bytes,
+        compile_specs: Sequence[CompileSpec],
+        original_module: ExportedProgram,
+        module_name: str,
+        owns_weights: bool = False,
+        mutated_arg_indices: Sequence[int] = (),
+        runtime: DelegateRuntime | None = None,
+    ) -> None:
+        super().__init__()
+        self.backend_id = backend_id
+        self.processed_bytes = processed_bytes
+        self.compile_specs = list(compile_specs)
+        self.original_module = original_module
+        self.module_name = module_name
+        self.owns_weights = owns_weights
+        # Arguments the caller mutates after the call (buffers updated in forward): autograd
+        # must not save them by reference for backward.
+        self.mutated_arg_indices = frozenset(mutated_arg_indices)
+
+        names = weight_names(original_module)
+        self._num_weights = len(names)
+        self._num_inputs = sum(
+            1
+            for spec in original_module.graph_signature.input_specs
+            if spec.kind == InputKind.USER_INPUT
+        )
+        self._input_names = tuple(
+            spec.arg.name
+            for spec in original_module.graph_signature.input_specs
+            if spec.kind == InputKind.USER_INPUT
+        )
+        if runtime is None:
+            delegate = get_delegate(backend_id)
+            executor = delegate.load(
+                processed_bytes, self.compile_specs, reference=original_module
+            )
+            runtime = DelegateRuntime(executor, names)
+            runtime.bind([weight_tensor(original_module, n) for n in names])
+        self._runtime = runtime
+        # Not a registered submodule: a child would show up in parameters() and state_dict().
+        object.__setattr__(self, "_view", None)
+
+        # Read once: Dynamo will not trace ExportedProgram properties inside forward.
+        self._in_spec = original_module.call_spec.in_spec
+        self._out_spec = original_module.call_spec.out_spec
+        self._weight_attrs: tuple[str, ...] = ()
+        if owns_weights:
+            self._register_weights(names)
+
+    # -- construction helpers -------------------------------------------------------------
+    def _register_weights(self, names: tuple[str, ...]) -> None:
+        ep = self.original_module
+        kinds = {
+            spec.target: spec.kind for spec in ep.graph_signature.input_specs if spec.target
+        }
+        taken: set[str] = set()
+        attrs = []
+        for target in names:
+            attr = _attr_name(target, taken)
+            tensor = weight_tensor(ep, target)
+            if kinds[target] == InputKind.PARAMETER:
+                if not isinstance(tensor, torch.nn.Parameter):
+                    tensor = torch.nn.Parameter(tensor, requires_grad=tensor.requires_grad)
+                self.register_parameter(attr, tensor)
+            else:
+                self.register_buffer(attr, tensor)
+            attrs.append(attr)
+        self._weight_attrs = tuple(attrs)
+        outputs = ep.graph_signature.output_specs
+        self._buffer_mutations = tuple(
+            (i, attrs[names.index(spec.target)])
+            for i, spec in enumerate(outputs)
+            if spec.kind == OutputKind.BUFFER_MUTATION
+        )
+        self._input_mutations = tuple(
+            (i, self._input_names.index(spec.target))
+            for i, spec in enumerate(outputs)
+            if spec.kind == OutputKind.USER_INPUT_MUTATION
+        )
+        self._user_outputs = tuple(
+            i for i, spec in enumerate(outputs) if spec.kind == OutputKind.USER_OUTPUT
+        )
+        self.mutated_arg_indices = frozenset(
+            names.index(spec.target) for spec in outputs if spec.kind == OutputKind.BUFFER_MUTATION
+        ) | frozenset(
+            self._num_weights + j for _, j in self._input_mutations
+        )
+
+    # -- what graphs hold -----------------------------------------------------------------
+    def graph_view(self) -> LoweredBackendModule:
+        """The weight-free module to put in a traced graph (self, unless this owns weights)."""
+        if not self.owns_weights:
+            return self
+        if self._view is None:
+            view = LoweredBackendModule(
+                backend_id=self.backend_id,
+                processed_bytes=self.processed_bytes,
+                compile_specs=self.compile_specs,
+                original_module=self.original_module,
+                module_name=self.module_name,
+                owns_weights=False,
+                mutated_arg_indices=self.mutated_arg_indices,
+                runtime=self._runtime,
+            )
+            object.__setattr__(self, "_view", view)
+        return self._view
+
+    @property
+    def executor(self) -> DelegateExecutor:
+        return self._runtime.executor
+
+    @property
+    def num_flat_args(self) -> int:
+        return self._num_weights + self._num_inputs
+
+    def check_arity(self, flat_args: Sequence[Any]) -> None:
+        if len(flat_args) != self.num_flat_args:
+            raise DelegateCallError(
+                f"lowered module {self.module_name!r} (delegate {self.backend_id!r}) takes "
+                f"{self.num_flat_args} arguments ({self._num_weights} weights, then inputs "
+                f"{list(self._input_names)}), got {len(flat_args)}"
+            )
+
+    # -- running ---------------------------------------------------------------------------
+    def run_delegate(self, flat_args: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+        """Run the delegate on real tensors (weights first, then inputs)."""
+        self.check_arity(flat_args)
+        return self._runtime.run(flat_args)
+
+    def run_reference(self, flat_args: Sequence[Any]) -> tuple[Any, ...]:
+        """Run the segment's reference ATen graph (used for fake tensors and for backward)."""
+        self.check_arity(flat_args)
+        return tuple(self.original_module.graph_module(*flat_args))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from nativert.call_delegate import call_delegate
+
+        if not self.owns_weights:
+            if kwargs:
+                raise DelegateCallError(
+                    f"lowered module {self.module_name!r} takes flat positional arguments, "
+                    f"got keyword arguments {sorted(kwargs)}"
+                )
+            return call_delegate(self, *args)
+
+        flat_inputs, spec = pytree.tree_flatten((args, kwargs))
+        expected_spec = self._in_spec
+        if expected_spec is not None and spec != expected_spec:
+            raise DelegateCallError(
+                f"lowered module {self.module_name!r} expects inputs structured as "
+                f"{expected_spec} ({self._num_inputs} tensors: {list(self._input_names)}), "
+                f"got {spec}"
+            )
+        weights = [getattr(self, attr) for attr in self._weight_attrs]
+        outputs = call_delegate(self, *weights, *flat_inputs)
+        if self._buffer_mutations or self._input_mutations:
+            with torch.no_grad():
+                for i, attr in self._buffer_mutations:
+                    getattr(self, attr).copy_(outputs[i])
+                for i, j in self._input_mutations:
+                    flat_inputs[j].copy_(outputs[i])
+        user = [outputs[i] for i in self._user_outputs]
+        out_spec = self._out_spec
+        return pytree.tree_unflatten(user, out_spec) if out_spec is not None else tuple(user)
+
+    # -- copying ---------------------------------------------------------------------------
+    def __deepcopy__(self, memo: dict[int, Any]) -> LoweredBackendModule:
+        """Share payload, reference program and runtime; copy owned weights like any module.
+
+        Graph passes (run_decompositions, Dynamo) deep-copy modules; copying sessions and
+        real weights would be slow at best and fail at worst.
+        """
+        if not self.owns_weights:
+            memo[id(self)] = self
+            return self
+        clone = LoweredBackendModule(
+            backend_id=self.backend_id,
+            processed_bytes=self.processed_bytes,
+            compile_specs=self.compile_specs,
+            original_module=self.original_module,
+            module_name=self.module_name,
+            owns_weights=False,
+            mutated_arg_indices=self.mutated_arg_indices,
+            runtime=self._runtime,
+        )
+        memo[id(self)] = clone
+        clone.owns_weights = True
+        for name, param in self._parameters.items():
+            clone.register_parameter(name, copy.deepcopy(param, memo))
+        for name, buf in self._buffers.items():
+            clone.register_buffer(name, copy.deepcopy(buf, memo))
+        for attr in ("_weight_attrs", "_buffer_mutations", "_input_mutations", "_user_outputs",
+                     "_in_spec", "_out_spec"):
+            setattr(clone, attr, getattr(self, attr))
+        clone.mutated_arg_indices = self.mutated_arg_indices
+        return clone
+
+    def extra_repr(self) -> str:
+        return (
+            f"backend_id={self.backend_id!r}, module_name={self.module_name!r}, "
+            f"payload={len(self.processed_bytes)} bytes, weights={self._num_weights}, "
+            f"inputs={self._num_inputs}"
+        )

@@ -1,0 +1,185 @@
+"""CapabilityPartitioner: each node goes to the first delegate that supports it.
+
+Regions of one delegate are grown by torch's CapabilityBasedPartitioner, which never creates
+a cycle. Every call_function node that stays in PyTorch records why in
+node.meta["nativert_not_delegated"].
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+from torch.fx import Node
+from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
+from torch.fx.passes.operator_support import OperatorSupportBase
+
+from nativert.backend.delegate import (
+    Delegate,
+    dict_to_specs,
+    get_delegate,
+    list_delegates,
+    require_available,
+)
+from nativert.errors import NativertError
+from nativert.partitioner.base import REASON_KEY, TAG_KEY, DelegationSpec, PartitionResult
+
+OpLike = torch._ops.OpOverload | torch._ops.OpOverloadPacket | str
+
+
+def op_name(target: Any) -> str:
+    """'aten.relu.default' style name of a node target, for messages and reports."""
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    return getattr(target, "__name__", str(target))
+
+
+def _normalize_op(op: OpLike) -> str:
+    """Key an op by 'namespace::name' so any overload matches, or a full overload name."""
+    if isinstance(op, torch._ops.OpOverload):
+        return op.name()  # 'aten::relu' or 'aten::add.Tensor'
+    if isinstance(op, torch._ops.OpOverloadPacket):
+        return op._qualified_op_name
+    if isinstance(op, str) and "::" in op:
+        return op
+    raise NativertError(
+        f"exclude_ops entries must be OpOverloads or 'namespace::name' strings, got {op!r}"
+    )
+
+
+def _matches(node: Node, keys: frozenset[str]) -> bool:
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    return target.name() in keys or target._schema.name in keys
+
+
+def _produces_tensors(node: Node) -> bool:
+    val = node.meta.get("val")
+    if isinstance(val, (tuple, list)):
+        return bool(val) and all(isinstance(v, torch.Tensor) for v in val)
+    return isinstance(val, torch.Tensor)
+
+
+class _AssignedTo(OperatorSupportBase):
+    def __init__(self, assignment: Mapping[Node, str], backend_id: str) -> None:
+        self._assignment = assignment
+        self._backend_id = backend_id
+
+    def is_node_supported(self, submodules: Mapping[str, torch.nn.Module], node: Node) -> bool:
+        return self._assignment.get(node) == self._backend_id
+
+
+class CapabilityPartitioner:
+    """Tag every supported node for the highest-priority delegate that supports it.
+
+    Args:
+        delegates: backend ids in priority order; default every available delegate.
+        min_block_size: regions with fewer compute nodes stay in PyTorch.
+        exclude_ops: ops ("aten::name" or OpOverload) that always stay in PyTorch.
+        compile_specs: per backend id, a dict of compile options.
+    """
+
+    def __init__(
+        self,
+        delegates: Sequence[str] | None = None,
+        *,
+        min_block_size: int = 1,
+        exclude_ops: Iterable[OpLike] = (),
+        compile_specs: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        if isinstance(delegates, str):
+            raise NativertError(
+                f"delegates must be a list of backend ids, got the string {delegates!r}; "
+                f"write delegates=[{delegates!r}]"
+            )
+        if min_block_size < 1:
+            raise NativertError(f"min_block_size must be >= 1, got {min_block_size}")
+        self.delegates = tuple(delegates) if delegates is not None else None
+        for backend_id in self.delegates or ():
+            get_delegate(backend_id)  # unknown id: error listing the known ones, now
+        self.min_block_size = min_block_size
+        self.exclude_ops = frozenset(_normalize_op(op) for op in exclude_ops)
+        self.compile_specs = {k: dict(v) for k, v in (compile_specs or {}).items()}
+
+    def _resolve(self) -> list[Delegate]:
+        if self.delegates is None:
+            return [get_delegate(b) for b in list_delegates(available_only=True)]
+        chosen = [get_delegate(b) for b in self.delegates]
+        for delegate in chosen:
+            require_available(delegate)
+        return chosen
+
+    def _assign(self, node: Node, delegates: list[Delegate], assignment: dict[Node, str]) -> str | None:
+        """Backend id for `node`, or None with the reason recorded in node.meta."""
+        if node.target is operator.getitem:
+            producer = node.args[0]
+            if isinstance(producer, Node) and producer in assignment:
+                return assignment[producer]
+            node.meta[REASON_KEY] = "reads an output of a node kept in PyTorch"
+            return None
+        if _matches(node, self.exclude_ops):
+            node.meta[REASON_KEY] = "excluded by user"
+            return None
+        if not _produces_tensors(node):
+            node.meta[REASON_KEY] = "produces a Python scalar (shape arithmetic stays in PyTorch)"
+            return None
+        reasons = []
+        for delegate in delegates:
+            reason = delegate.check_support(node)
+            if reason is None:
+                return delegate.backend_id
+            reasons.append(f"{delegate.backend_id}: {reason}")
+        node.meta[REASON_KEY] = (
+            "; ".join(reasons) if reasons else f"no delegate supports {op_name(node.target)}"
+        )
+        return None
+
+    def partition(self, program: ExportedProgram) -> PartitionResult:
+        gm = program.graph_module
+        delegates = self._resolve()
+        assignment: dict[Node, str] = {}
+        for node in gm.graph.nodes:
+            node.meta.pop(TAG_KEY, None)
+            node.meta.pop(REASON_KEY, None)
+            if node.op == "call_function":
+                backend_id = self._assign(node, delegates, assignment)
+                if backend_id is not None:
+                    assignment[node] = backend_id
+
+        tags: dict[str, DelegationSpec] = {}
+        for delegate in delegates:
+            backend_id = delegate.backend_id
+            if backend_id not in assignment.values():
+                continue
+            proposer = CapabilityBasedPartitioner(
+                gm, _AssignedTo(assignment, backend_id), allows_single_node_partition=True
+            )
+            for partition in proposer.propose_partitions():
+                nodes = list(partition.nodes)
+                compute = [n for n in nodes if n.target is not operator.getitem]
+                if len(compute) < self.min_block_size:
+                    for node in nodes:
+                        node.meta[REASON_KEY] = (
+                            f"region below min_block_size={self.min_block_size}"
+                        )
+                    continue
+                tag = f"{backend_id}_{len(tags)}"
+                for node in nodes:
+                    node.meta[TAG_KEY] = tag
+                tags[tag] = DelegationSpec(
+                    backend_id, tuple(dict_to_specs(self.compile_specs.get(backend_id)))
+                )
+        return PartitionResult(program, tags)
+
+
+class AllNodePartitioner(CapabilityPartitioner):
+    """Everything `backend_id` supports, to that one delegate."""
+
+    def __init__(self, backend_id: str, *, compile_specs: Mapping[str, Any] | None = None) -> None:
+        super().__init__(
+            [backend_id], compile_specs={backend_id: dict(compile_specs or {})}
+        )
