@@ -70,6 +70,11 @@ def check_tags(program: ExportedProgram, tags: Mapping[str, DelegationSpec]) -> 
             continue  # weights: ownership is derived from their users
         if node.op != "call_function":
             continue
+        if node.target is call_delegate:
+            raise PartitionError(
+                f"the partitioner tagged {node.name!r} with {tag!r}, but it is already a "
+                "delegate call; leave call_delegate nodes untagged"
+            )
         if tag not in tags:
             raise PartitionError(
                 f"node {node.name!r} ({node.target}) is tagged {tag!r}, which is not in the "
@@ -205,7 +210,13 @@ def lower_tagged_program(
     gm = program.graph_module
     old_outputs = [spec.arg.name for spec in program.graph_signature.output_specs]
 
-    for index, (tag, nodes) in enumerate(regions.items()):
+    for index, tag in enumerate(regions):
+        # fuse_by_partitions rebuilds gm.graph (stable_topological_sort makes new Nodes), so
+        # each region is collected from the current graph, not from before earlier fusions.
+        nodes = [
+            n for n in gm.graph.nodes
+            if n.op == "call_function" and n.meta.get(TAG_KEY) == tag
+        ]
         if not validate_partition(nodes):
             raise PartitionError(
                 f"region {tag!r} ({len(nodes)} nodes, e.g. {[n.name for n in nodes[:5]]}) "

@@ -85,6 +85,12 @@ def _lower_partitioned(
 ) -> ExportedProgram:
     if partitioner is None:
         partitioner = CapabilityPartitioner()
+    if isinstance(partitioner, str):  # str has a .partition method: catch it by name
+        raise TypeError(
+            f"to_backend(program, {partitioner!r}): the second argument is a partitioner. "
+            f"To lower the whole program to one delegate write to_backend({partitioner!r}, "
+            f"program); to delegate what it supports use AllNodePartitioner({partitioner!r})"
+        )
     if not isinstance(partitioner, Partitioner):
         raise TypeError(
             f"partitioner must have a partition(program) method, got {type(partitioner).__name__}"

@@ -24,6 +24,7 @@ from nativert.backend.delegate import (
     list_delegates,
     require_available,
 )
+from nativert.call_delegate import call_delegate
 from nativert.errors import NativertError
 from nativert.partitioner.base import REASON_KEY, TAG_KEY, DelegationSpec, PartitionResult
 
@@ -115,10 +116,14 @@ class CapabilityPartitioner:
 
     def _assign(self, node: Node, delegates: list[Delegate], assignment: dict[Node, str]) -> str | None:
         """Backend id for `node`, or None with the reason recorded in node.meta."""
+        if node.target is call_delegate:
+            return None  # already delegated: not a candidate, and not "kept in PyTorch"
         if node.target is operator.getitem:
             producer = node.args[0]
             if isinstance(producer, Node) and producer in assignment:
                 return assignment[producer]
+            if isinstance(producer, Node) and producer.target is call_delegate:
+                return None
             node.meta[REASON_KEY] = "reads an output of a node kept in PyTorch"
             return None
         if _matches(node, self.exclude_ops):

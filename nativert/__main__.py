@@ -1,0 +1,5 @@
+import sys
+
+from nativert.cli import main
+
+sys.exit(main())

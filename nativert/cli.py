@@ -1,0 +1,97 @@
+"""`nativert` command line: demo (more commands arrive with later issues)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+DEMO_TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def _summarize(program: torch.export.ExportedProgram) -> list[str]:
+    from nativert.backend.lowering import delegate_nodes
+    from nativert.partitioner.base import REASON_KEY
+
+    lines = []
+    for node in delegate_nodes(program):
+        lowered = getattr(program.graph_module, node.args[0].target)
+        ops: dict[str, int] = {}
+        for inner in lowered.original_module.graph.nodes:
+            if inner.op == "call_function":
+                name = str(inner.target)
+                ops[name] = ops.get(name, 0) + 1
+        listing = ", ".join(f"{op} x{n}" for op, n in sorted(ops.items()))
+        lines.append(
+            f"  {lowered.module_name}: delegate {lowered.backend_id!r}, "
+            f"{sum(ops.values())} nodes ({listing})"
+        )
+    for node in program.graph.nodes:
+        if node.op == "call_function" and REASON_KEY in node.meta:
+            lines.append(f"  kept in PyTorch: {node.name} ({node.target}): {node.meta[REASON_KEY]}")
+    return lines
+
+
+def _median_us(fn, args, runs: int = 50) -> float:
+    with torch.no_grad():
+        for _ in range(5):
+            fn(*args)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2] * 1e6
+
+
+def demo(args: argparse.Namespace) -> int:
+    import nativert
+    from nativert.models import BUILTIN_MODELS, build
+
+    print(f"nativert {nativert.__version__} on torch {torch.__version__}; "
+          f"delegates available: {', '.join(nativert.list_delegates(available_only=True))}")
+    failures = 0
+    for name in BUILTIN_MODELS:
+        model, inputs = build(name)
+        program = torch.export.export(model, inputs)
+        delegated = nativert.to_backend(program)
+        print(f"\n[{name}] delegated program:")
+        print("\n".join(_summarize(delegated)))
+        runnable = delegated.module()
+        with torch.no_grad():
+            expected, got = model(*inputs), runnable(*inputs)
+        err = (expected - got).abs().max().item()
+        ok = expected.shape == got.shape and torch.allclose(got, expected, **DEMO_TOLERANCE)
+        failures += not ok
+        eager_us, nrt_us = _median_us(model, inputs), _median_us(runnable, inputs)
+        print(f"  numerics vs eager: {'OK' if ok else 'MISMATCH'} (max abs error {err:.2e}, "
+              f"atol {DEMO_TOLERANCE['atol']})")
+        print(f"  median latency: eager {eager_us:.0f} us, nativert {nrt_us:.0f} us "
+              f"(x{eager_us / nrt_us:.2f} vs eager; the eager delegate is the reference, "
+              "not a fast path)")
+    print("\ndemo:", "all models match eager" if not failures else f"{failures} model(s) MISMATCH")
+    return 1 if failures else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nativert", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("demo", help="lower the built-in models and check them against eager")
+    args = parser.parse_args(argv)
+    try:
+        return {"demo": demo}[args.command](args)
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"nativert {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print("(run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

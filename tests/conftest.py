@@ -1,0 +1,45 @@
+"""Shared test helpers: comparisons that check shape and dtype before values, and fixtures."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+import nativert
+
+
+FLOAT32 = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def assert_close(actual, expected, *, atol: float = 1e-5, rtol: float = 1e-5, what: str = "output"):
+    """Compare pytrees of tensors: structure, shape, dtype, then values (with error sizes)."""
+    flat_a, spec_a = torch.utils._pytree.tree_flatten(actual)
+    flat_e, spec_e = torch.utils._pytree.tree_flatten(expected)
+    assert spec_a == spec_e, f"{what}: structure {spec_a} != expected {spec_e}"
+    for i, (a, e) in enumerate(zip(flat_a, flat_e)):
+        label = f"{what}[{i}]"
+        assert a.shape == e.shape, f"{label}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+        assert a.dtype == e.dtype, f"{label}: dtype {a.dtype} != {e.dtype}"
+        if not torch.allclose(a, e, atol=atol, rtol=rtol):
+            diff = (a - e).abs()
+            rel = diff / e.abs().clamp_min(1e-12)
+            raise AssertionError(
+                f"{label}: max abs error {diff.max().item():.3e}, max rel error "
+                f"{rel.max().item():.3e} (atol={atol}, rtol={rtol})"
+            )
+
+
+@pytest.fixture
+def registered():
+    """Register delegates for one test and always unregister them, even on failure."""
+    added: list[str] = []
+
+    def register(delegate):
+        nativert.register_delegate(delegate)
+        added.append(delegate.backend_id)
+        return delegate
+
+    yield register
+    for backend_id in added:
+        nativert.unregister_delegate(backend_id)
