@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch.export import ExportedProgram
+from torch._guards import detect_fake_mode
 from torch.export.graph_signature import InputKind
 from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -97,3 +98,39 @@ def unalias_outputs(outputs: Iterable[Any], inputs: Sequence[Any]) -> tuple[Any,
             seen.add(key)
         fresh.append(out)
     return tuple(fresh)
+
+
+def find_nondifferentiable_outputs(
+    program: ExportedProgram, no_grad_inputs: Iterable[int] = ()
+) -> frozenset[int]:
+    """Indices of outputs that carry no gradient even when every float input requires grad.
+
+    Runs the graph once on the placeholders' fake values; inputs in `no_grad_inputs` (state
+    the caller mutates, like running stats) are not made to require grad. Without fake
+    values, only non-float outputs are reported.
+    """
+    values = placeholder_values(program)
+    outputs = program.graph.output_node().args[0]
+    fallback = frozenset(
+        i for i, out in enumerate(outputs)
+        if not (isinstance(out, torch.fx.Node) and _is_float(out.meta.get("val")))
+    )
+    fake_mode = detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
+    if fake_mode is None or any(v is None for v in values):
+        return fallback
+    skip = set(no_grad_inputs)
+    with fake_mode, torch.enable_grad():
+        args = [
+            v.detach().requires_grad_(i not in skip)
+            if isinstance(v, torch.Tensor) and _is_float(v) else v
+            for i, v in enumerate(values)
+        ]
+        results = program.graph_module(*args)
+    return frozenset(
+        i for i, out in enumerate(results)
+        if not (isinstance(out, torch.Tensor) and out.requires_grad)
+    )
+
+
+def _is_float(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())

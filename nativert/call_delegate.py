@@ -127,8 +127,12 @@ class _CallDelegateFunction(torch.autograd.Function):
                 saved.append(arg)
         ctx.save_for_backward(*saved)
         ctx.layout = layout
+        nondiff = lowered_module.nondifferentiable_outputs
         ctx.mark_non_differentiable(
-            *(o for o in outputs if not (o.is_floating_point() or o.is_complex()))
+            *(
+                out for i, out in enumerate(outputs)
+                if i in nondiff or not (out.is_floating_point() or out.is_complex())
+            )
         )
         return outputs
 

@@ -28,7 +28,7 @@ import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
-from nativert._program import weight_names, weight_tensor
+from nativert._program import find_nondifferentiable_outputs, weight_names, weight_tensor
 from nativert.backend.delegate import CompileSpec, DelegateExecutor, get_delegate
 from nativert.errors import DelegateCallError
 
@@ -92,6 +92,8 @@ class LoweredBackendModule(torch.nn.Module):
         module_name: str,
         owns_weights: bool = False,
         mutated_arg_indices: Sequence[int] = (),
+        state_arg_indices: Sequence[int] = (),
+        nondifferentiable_outputs: Sequence[int] | None = None,
         runtime: DelegateRuntime | None = None,
     ) -> None:
         super().__init__()
@@ -134,6 +136,18 @@ class LoweredBackendModule(torch.nn.Module):
         self._weight_attrs: tuple[str, ...] = ()
         if owns_weights:
             self._register_weights(names)
+        # Outputs no input can give a gradient to (batch-norm's new running stats, integer
+        # outputs): autograd must mark them so, as eager does, or a buffer updated from them
+        # would start requiring grad.
+        if nondifferentiable_outputs is None:
+            # Buffers and constants are state, not differentiable values, wherever they enter.
+            kinds = [spec.kind for spec in original_module.graph_signature.input_specs]
+            state = {i for i, kind in enumerate(kinds[: self._num_weights])
+                     if kind != InputKind.PARAMETER}
+            nondifferentiable_outputs = find_nondifferentiable_outputs(
+                original_module, self.mutated_arg_indices | state | set(state_arg_indices)
+            )
+        self.nondifferentiable_outputs = frozenset(nondifferentiable_outputs)
 
     # -- construction helpers -------------------------------------------------------------
     def _register_weights(self, names: tuple[str, ...]) -> None:
@@ -188,6 +202,7 @@ class LoweredBackendModule(torch.nn.Module):
                 module_name=self.module_name,
                 owns_weights=False,
                 mutated_arg_indices=self.mutated_arg_indices,
+                nondifferentiable_outputs=self.nondifferentiable_outputs,
                 runtime=self._runtime,
             )
             object.__setattr__(self, "_view", view)
@@ -269,6 +284,7 @@ class LoweredBackendModule(torch.nn.Module):
             module_name=self.module_name,
             owns_weights=False,
             mutated_arg_indices=self.mutated_arg_indices,
+            nondifferentiable_outputs=self.nondifferentiable_outputs,
             runtime=self._runtime,
         )
         memo[id(self)] = clone

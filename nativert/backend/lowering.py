@@ -13,7 +13,7 @@ is duplicated in memory and gradients reach every parameter. Mutations stay at t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -89,9 +89,9 @@ def _segment_program(
     sub_gm: GraphModule,
     outer_args: tuple[Node, ...],
     owner_call: Node,
-) -> tuple[ExportedProgram, list[Node], list[int]]:
-    """Build the segment's ExportedProgram; return it, the outer args in its order, and which
-    of them the top level mutates after the call."""
+) -> tuple[ExportedProgram, list[Node], list[int], list[int]]:
+    """Build the segment's ExportedProgram; return it, the outer args in its order, which of
+    them the top level mutates after the call, and which are buffers or constants."""
     sig = program.graph_signature
     kinds = {spec.arg.name: spec for spec in sig.input_specs}
     mutated_buffers = set(sig.buffers_to_mutate.values())
@@ -169,7 +169,12 @@ def _segment_program(
     )
     outer_ordered = [outer for _, outer, _ in ordered]
     mutated_idx = [i for i, outer in enumerate(outer_ordered) if outer.name in mutated_names]
-    return segment, outer_ordered, mutated_idx
+    state_kinds = (InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+    state_idx = [
+        i for i, outer in enumerate(outer_ordered)
+        if outer.name in kinds and kinds[outer.name].kind in state_kinds
+    ]
+    return segment, outer_ordered, mutated_idx, state_idx
 
 
 def compile_segment(
@@ -178,6 +183,8 @@ def compile_segment(
     tag: str,
     *,
     owns_weights: bool = False,
+    mutated_arg_indices: Sequence[int] = (),
+    state_arg_indices: Sequence[int] = (),
 ) -> LoweredBackendModule:
     """Run the delegate's preprocess on `segment` and wrap the payload in a lowered module."""
     delegate = get_delegate(spec.backend_id)
@@ -199,6 +206,8 @@ def compile_segment(
         original_module=segment,
         module_name=tag,
         owns_weights=owns_weights,
+        mutated_arg_indices=mutated_arg_indices,
+        state_arg_indices=state_arg_indices,
     )
 
 
@@ -232,12 +241,17 @@ def lower_tagged_program(
             if n.op == "call_module" and n.target.startswith(f"{_SEGMENT_PREFIX}{index}_")
         )
         sub_gm = getattr(gm, call_node.target)
-        segment, outer_args, mutated_idx = _segment_program(
+        segment, outer_args, mutated_idx, state_idx = _segment_program(
             program, sub_gm, call_node.args, call_node
         )
-        lowered = compile_segment(segment, tags[tag], tag)
-        lowered.mutated_arg_indices = frozenset(mutated_idx)
-        attr = f"lowered_{tag}"
+        lowered = compile_segment(
+            segment, tags[tag], tag,
+            mutated_arg_indices=mutated_idx, state_arg_indices=state_idx,
+        )
+        attr, n = f"lowered_{tag}", 0
+        while hasattr(gm, attr):  # a program lowered again keeps its earlier delegates
+            n += 1
+            attr = f"lowered_{tag}_{n}"
         gm.add_submodule(attr, lowered)
         with gm.graph.inserting_before(call_node):
             module_node = gm.graph.get_attr(attr)
