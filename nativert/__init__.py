@@ -1,9 +1,9 @@
 """nativert: delegate parts of a torch.export program to real inference runtimes.
 
-    import torch, nativert
-    ep = torch.export.export(model, (x,))
-    delegated = nativert.to_backend(ep)     # still an ExportedProgram
-    delegated.module()(x)
+import torch, nativert
+ep = torch.export.export(model, (x,))
+delegated = nativert.to_backend(ep)     # still an ExportedProgram
+delegated.module()(x)
 """
 
 from nativert.backend.delegate import (

@@ -52,9 +52,7 @@ class CallDelegateHigherOrderVariable(_hops.TorchHigherOrderOperatorVariable):
                 hints=[],
             )
         lowered = _lowered_module_of(tx, args[0]).graph_view()
-        module_proxy = tx.output.register_static_attr_and_return_proxy(
-            "nativert_delegate", lowered
-        )
+        module_proxy = tx.output.register_static_attr_and_return_proxy("nativert_delegate", lowered)
         arg_proxies = tuple(arg.as_proxy() for arg in args[1:])
         fake_args = torch.utils._pytree.tree_map_only(
             torch.fx.Proxy, lambda p: get_fake_value(p.node, tx), arg_proxies

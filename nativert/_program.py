@@ -6,8 +6,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.export import ExportedProgram
 from torch._guards import detect_fake_mode
+from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -65,7 +65,9 @@ def validate_weights(
     for name, want in expected.items():
         got = given[name]
         if not isinstance(got, torch.Tensor):
-            raise WeightsError(f"{owner}: weight {name!r} must be a Tensor, got {type(got).__name__}")
+            raise WeightsError(
+                f"{owner}: weight {name!r} must be a Tensor, got {type(got).__name__}"
+            )
         if got.dtype != want.dtype:
             raise WeightsError(
                 f"{owner}: weight {name!r} has dtype {got.dtype}, expected {want.dtype}"
@@ -112,7 +114,8 @@ def find_nondifferentiable_outputs(
     values = placeholder_values(program)
     outputs = program.graph.output_node().args[0]
     fallback = frozenset(
-        i for i, out in enumerate(outputs)
+        i
+        for i, out in enumerate(outputs)
         if not (isinstance(out, torch.fx.Node) and _is_float(out.meta.get("val")))
     )
     fake_mode = detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
@@ -122,12 +125,14 @@ def find_nondifferentiable_outputs(
     with fake_mode, torch.enable_grad():
         args = [
             v.detach().requires_grad_(i not in skip)
-            if isinstance(v, torch.Tensor) and _is_float(v) else v
+            if isinstance(v, torch.Tensor) and _is_float(v)
+            else v
             for i, v in enumerate(values)
         ]
         results = program.graph_module(*args)
     return frozenset(
-        i for i, out in enumerate(results)
+        i
+        for i, out in enumerate(results)
         if not (isinstance(out, torch.Tensor) and out.requires_grad)
     )
 

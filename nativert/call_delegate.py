@@ -130,7 +130,8 @@ class _CallDelegateFunction(torch.autograd.Function):
         nondiff = lowered_module.nondifferentiable_outputs
         ctx.mark_non_differentiable(
             *(
-                out for i, out in enumerate(outputs)
+                out
+                for i, out in enumerate(outputs)
                 if i in nondiff or not (out.is_floating_point() or out.is_complex())
             )
         )
@@ -141,7 +142,8 @@ class _CallDelegateFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         args = [saved[v] if kind == "saved" else v for kind, v in ctx.layout]
         wanted = [
-            i for i, arg in enumerate(args)
+            i
+            for i, arg in enumerate(args)
             if isinstance(arg, torch.Tensor) and ctx.needs_input_grad[i + 1]
         ]
         create_graph = torch.is_grad_enabled()
@@ -153,7 +155,7 @@ class _CallDelegateFunction(torch.autograd.Function):
             outputs = ctx.lowered_module.run_reference(args)
         pairs = [
             (out, grad)
-            for out, grad in zip(outputs, grad_outputs)
+            for out, grad in zip(outputs, grad_outputs, strict=True)
             if isinstance(out, torch.Tensor) and out.requires_grad and grad is not None
         ]
         grads: list[Any] = [None] * len(args)
@@ -165,7 +167,7 @@ class _CallDelegateFunction(torch.autograd.Function):
                 create_graph=create_graph,
                 allow_unused=True,
             )
-            for i, grad in zip(wanted, found):
+            for i, grad in zip(wanted, found, strict=True):
                 grads[i] = grad if grad is not None else torch.zeros_like(args[i])
         return (None, *grads)
 

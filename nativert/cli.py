@@ -52,8 +52,10 @@ def demo(args: argparse.Namespace) -> int:
     import nativert
     from nativert.models import BUILTIN_MODELS, build
 
-    print(f"nativert {nativert.__version__} on torch {torch.__version__}; "
-          f"delegates available: {', '.join(nativert.list_delegates(available_only=True))}")
+    print(
+        f"nativert {nativert.__version__} on torch {torch.__version__}; "
+        f"delegates available: {', '.join(nativert.list_delegates(available_only=True))}"
+    )
     failures = 0
     for name in BUILTIN_MODELS:
         model, inputs = build(name)
@@ -68,11 +70,15 @@ def demo(args: argparse.Namespace) -> int:
         ok = expected.shape == got.shape and torch.allclose(got, expected, **DEMO_TOLERANCE)
         failures += not ok
         eager_us, nrt_us = _median_us(model, inputs), _median_us(runnable, inputs)
-        print(f"  numerics vs eager: {'OK' if ok else 'MISMATCH'} (max abs error {err:.2e}, "
-              f"atol {DEMO_TOLERANCE['atol']})")
-        print(f"  median latency: eager {eager_us:.0f} us, nativert {nrt_us:.0f} us "
-              f"(x{eager_us / nrt_us:.2f} vs eager; the eager delegate is the reference, "
-              "not a fast path)")
+        print(
+            f"  numerics vs eager: {'OK' if ok else 'MISMATCH'} (max abs error {err:.2e}, "
+            f"atol {DEMO_TOLERANCE['atol']})"
+        )
+        print(
+            f"  median latency: eager {eager_us:.0f} us, nativert {nrt_us:.0f} us "
+            f"(x{eager_us / nrt_us:.2f} vs eager; the eager delegate is the reference, "
+            "not a fast path)"
+        )
     print("\ndemo:", "all models match eager" if not failures else f"{failures} model(s) MISMATCH")
     return 1 if failures else 0
 

@@ -58,7 +58,7 @@ class DelegateRuntime:
             return
         with self._lock:
             if key != self._bound_key:
-                self.executor.init_weights(dict(zip(self.weight_names, weights)))
+                self.executor.init_weights(dict(zip(self.weight_names, weights, strict=True)))
                 # Holding the tensors keeps their ids from being reused while bound.
                 self._bound_refs = tuple(weights)
                 self._bound_key = key
@@ -121,9 +121,7 @@ class LoweredBackendModule(torch.nn.Module):
         )
         if runtime is None:
             delegate = get_delegate(backend_id)
-            executor = delegate.load(
-                processed_bytes, self.compile_specs, reference=original_module
-            )
+            executor = delegate.load(processed_bytes, self.compile_specs, reference=original_module)
             runtime = DelegateRuntime(executor, names)
             runtime.bind([weight_tensor(original_module, n) for n in names])
         self._runtime = runtime
@@ -142,8 +140,11 @@ class LoweredBackendModule(torch.nn.Module):
         if nondifferentiable_outputs is None:
             # Buffers and constants are state, not differentiable values, wherever they enter.
             kinds = [spec.kind for spec in original_module.graph_signature.input_specs]
-            state = {i for i, kind in enumerate(kinds[: self._num_weights])
-                     if kind != InputKind.PARAMETER}
+            state = {
+                i
+                for i, kind in enumerate(kinds[: self._num_weights])
+                if kind != InputKind.PARAMETER
+            }
             nondifferentiable_outputs = find_nondifferentiable_outputs(
                 original_module, self.mutated_arg_indices | state | set(state_arg_indices)
             )
@@ -152,9 +153,7 @@ class LoweredBackendModule(torch.nn.Module):
     # -- construction helpers -------------------------------------------------------------
     def _register_weights(self, names: tuple[str, ...]) -> None:
         ep = self.original_module
-        kinds = {
-            spec.target: spec.kind for spec in ep.graph_signature.input_specs if spec.target
-        }
+        kinds = {spec.target: spec.kind for spec in ep.graph_signature.input_specs if spec.target}
         taken: set[str] = set()
         attrs = []
         for target in names:
@@ -184,9 +183,7 @@ class LoweredBackendModule(torch.nn.Module):
         )
         self.mutated_arg_indices = frozenset(
             names.index(spec.target) for spec in outputs if spec.kind == OutputKind.BUFFER_MUTATION
-        ) | frozenset(
-            self._num_weights + j for _, j in self._input_mutations
-        )
+        ) | frozenset(self._num_weights + j for _, j in self._input_mutations)
 
     # -- what graphs hold -----------------------------------------------------------------
     def graph_view(self) -> LoweredBackendModule:
@@ -293,8 +290,14 @@ class LoweredBackendModule(torch.nn.Module):
             clone.register_parameter(name, copy.deepcopy(param, memo))
         for name, buf in self._buffers.items():
             clone.register_buffer(name, copy.deepcopy(buf, memo))
-        for attr in ("_weight_attrs", "_buffer_mutations", "_input_mutations", "_user_outputs",
-                     "_in_spec", "_out_spec"):
+        for attr in (
+            "_weight_attrs",
+            "_buffer_mutations",
+            "_input_mutations",
+            "_user_outputs",
+            "_in_spec",
+            "_out_spec",
+        ):
             setattr(clone, attr, getattr(self, attr))
         clone.mutated_arg_indices = self.mutated_arg_indices
         return clone

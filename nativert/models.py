@@ -48,7 +48,9 @@ def _randomize_bn(model: nn.Module, generator: torch.Generator) -> nn.Module:
     return model
 
 
-def build(name: str, *, seed: int = 0, batch: int = 4) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+def build(
+    name: str, *, seed: int = 0, batch: int = 4
+) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """A built-in model in eval mode and example inputs for it."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 import nativert
-
 
 FLOAT32 = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -17,7 +15,7 @@ def assert_close(actual, expected, *, atol: float = 1e-5, rtol: float = 1e-5, wh
     flat_a, spec_a = torch.utils._pytree.tree_flatten(actual)
     flat_e, spec_e = torch.utils._pytree.tree_flatten(expected)
     assert spec_a == spec_e, f"{what}: structure {spec_a} != expected {spec_e}"
-    for i, (a, e) in enumerate(zip(flat_a, flat_e)):
+    for i, (a, e) in enumerate(zip(flat_a, flat_e, strict=True)):
         label = f"{what}[{i}]"
         assert a.shape == e.shape, f"{label}: shape {tuple(a.shape)} != {tuple(e.shape)}"
         assert a.dtype == e.dtype, f"{label}: dtype {a.dtype} != {e.dtype}"

@@ -27,7 +27,9 @@ class Wrapper(nn.Module):
 
 
 def hop_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
-    return [n for n in graph.nodes if n.op == "call_function" and n.target is nativert.call_delegate]
+    return [
+        n for n in graph.nodes if n.op == "call_function" and n.target is nativert.call_delegate
+    ]
 
 
 def lowered_mlp(dtype=torch.float32):
@@ -144,11 +146,12 @@ def test_compile_trains_through_lowered_module(mlp):
     compiled = torch.compile(Wrapper(lowered), fullgraph=True, backend="aot_eager")
     compiled(x).sum().backward()
     Wrapper(model)(x).sum().backward()
-    for (name, p), (_, q) in zip(lowered.named_parameters(), model.named_parameters()):
+    for (name, p), (_, q) in zip(lowered.named_parameters(), model.named_parameters(), strict=True):
         assert_close(p.grad, q.grad, what=f"grad {name}")
 
 
 # -- autograd ----------------------------------------------------------------------------
+
 
 def test_gradients_match_eager_for_inputs_and_parameters():
     model, inputs = make("split_by_sin")
@@ -208,8 +211,9 @@ def test_training_step_with_batchnorm_in_train_mode_matches_eager():
             module(x).square().mean().backward()
             optimizer.step()
         what = f"step {step}"
-        assert_close(dict(delegated.named_parameters()), dict(reference.named_parameters()),
-                     what=what)
+        assert_close(
+            dict(delegated.named_parameters()), dict(reference.named_parameters()), what=what
+        )
         assert_close(delegated.bn.running_mean, reference.bn.running_mean, what=what)
         assert_close(delegated.bn.running_var, reference.bn.running_var, what=what)
 

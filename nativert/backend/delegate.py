@@ -83,7 +83,9 @@ class Delegate(Protocol):
 
     def ops_to_preserve(self) -> frozenset[torch._ops.OpOverload]: ...
 
-    def preprocess(self, program: ExportedProgram, compile_specs: Sequence[CompileSpec]) -> bytes: ...
+    def preprocess(
+        self, program: ExportedProgram, compile_specs: Sequence[CompileSpec]
+    ) -> bytes: ...
 
     def load(
         self,
@@ -108,8 +110,15 @@ def register_delegate(delegate: Delegate, *, replace: bool = False) -> Delegate:
     if not isinstance(delegate, Delegate):
         missing = [
             name
-            for name in ("backend_id", "version", "is_available", "check_support",
-                         "ops_to_preserve", "preprocess", "load")
+            for name in (
+                "backend_id",
+                "version",
+                "is_available",
+                "check_support",
+                "ops_to_preserve",
+                "preprocess",
+                "load",
+            )
             if not hasattr(delegate, name)
         ]
         raise NativertError(

@@ -48,7 +48,9 @@ def _argument(node: Node) -> TensorArgument | SymIntArgument:
     return TensorArgument(name=node.name)
 
 
-def check_tags(program: ExportedProgram, tags: Mapping[str, DelegationSpec]) -> dict[str, list[Node]]:
+def check_tags(
+    program: ExportedProgram, tags: Mapping[str, DelegationSpec]
+) -> dict[str, list[Node]]:
     """Validate a partitioner's tags; return the tagged call_function nodes per tag."""
     user_inputs = set(program.graph_signature.user_inputs)
     regions: dict[str, list[Node]] = {}
@@ -105,7 +107,7 @@ def _segment_program(
 
     placeholders = [n for n in sub_gm.graph.nodes if n.op == "placeholder"]
     owned, inputs = [], []
-    for inner, outer in zip(placeholders, outer_args):
+    for inner, outer in zip(placeholders, outer_args, strict=True):
         spec = kinds.get(outer.name) if outer.op == "placeholder" else None
         is_owned = (
             spec is not None
@@ -171,7 +173,8 @@ def _segment_program(
     mutated_idx = [i for i, outer in enumerate(outer_ordered) if outer.name in mutated_names]
     state_kinds = (InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
     state_idx = [
-        i for i, outer in enumerate(outer_ordered)
+        i
+        for i, outer in enumerate(outer_ordered)
         if outer.name in kinds and kinds[outer.name].kind in state_kinds
     ]
     return segment, outer_ordered, mutated_idx, state_idx
@@ -223,8 +226,7 @@ def lower_tagged_program(
         # fuse_by_partitions rebuilds gm.graph (stable_topological_sort makes new Nodes), so
         # each region is collected from the current graph, not from before earlier fusions.
         nodes = [
-            n for n in gm.graph.nodes
-            if n.op == "call_function" and n.meta.get(TAG_KEY) == tag
+            n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get(TAG_KEY) == tag
         ]
         if not validate_partition(nodes):
             raise PartitionError(
@@ -233,11 +235,14 @@ def lower_tagged_program(
                 "cycle; split it into regions that are closed under such paths"
             )
         fuse_by_partitions(
-            gm, [dict.fromkeys(nodes)], prefix=f"{_SEGMENT_PREFIX}{index}_",
+            gm,
+            [dict.fromkeys(nodes)],
+            prefix=f"{_SEGMENT_PREFIX}{index}_",
             always_return_tuple=True,
         )
         call_node = next(
-            n for n in gm.graph.nodes
+            n
+            for n in gm.graph.nodes
             if n.op == "call_module" and n.target.startswith(f"{_SEGMENT_PREFIX}{index}_")
         )
         sub_gm = getattr(gm, call_node.target)
@@ -245,8 +250,11 @@ def lower_tagged_program(
             program, sub_gm, call_node.args, call_node
         )
         lowered = compile_segment(
-            segment, tags[tag], tag,
-            mutated_arg_indices=mutated_idx, state_arg_indices=state_idx,
+            segment,
+            tags[tag],
+            tag,
+            mutated_arg_indices=mutated_idx,
+            state_arg_indices=state_idx,
         )
         attr, n = f"lowered_{tag}", 0
         while hasattr(gm, attr):  # a program lowered again keeps its earlier delegates
@@ -256,7 +264,9 @@ def lower_tagged_program(
         with gm.graph.inserting_before(call_node):
             module_node = gm.graph.get_attr(attr)
             hop_node = gm.graph.create_node(
-                "call_function", call_delegate, (module_node, *outer_args),
+                "call_function",
+                call_delegate,
+                (module_node, *outer_args),
                 name=f"{HOP_NAME}_{tag}",
             )
         hop_node.meta.update(call_node.meta)
@@ -274,11 +284,13 @@ def _rebind(program: ExportedProgram, gm: GraphModule, old_outputs: list[str]) -
     """A new ExportedProgram over `gm` whose signature names the current output nodes."""
     output_args = gm.graph.output_node().args[0]
     renamed = {
-        old: arg.name for old, arg in zip(old_outputs, output_args) if isinstance(arg, Node)
+        old: arg.name
+        for old, arg in zip(old_outputs, output_args, strict=True)
+        if isinstance(arg, Node)
     }
     sig = program.graph_signature
     output_specs = []
-    for spec, arg in zip(sig.output_specs, output_args):
+    for spec, arg in zip(sig.output_specs, output_args, strict=True):
         if isinstance(spec.arg, (TensorArgument, SymIntArgument)) and isinstance(arg, Node):
             spec = OutputSpec(spec.kind, type(spec.arg)(name=arg.name), spec.target)
         output_specs.append(spec)
@@ -289,7 +301,8 @@ def _rebind(program: ExportedProgram, gm: GraphModule, old_outputs: list[str]) -
         if signature is not None and entry.fqn == "":
             outputs = [
                 type(a)(name=renamed.get(a.name, a.name))
-                if isinstance(a, (TensorArgument, SymIntArgument)) else a
+                if isinstance(a, (TensorArgument, SymIntArgument))
+                else a
                 for a in signature.outputs
             ]
             signature = ModuleCallSignature(
@@ -316,8 +329,4 @@ def _rebind(program: ExportedProgram, gm: GraphModule, old_outputs: list[str]) -
 
 def delegate_nodes(program: ExportedProgram) -> list[Node]:
     """The call_delegate nodes of a program, in graph order."""
-    return [
-        n for n in program.graph.nodes
-        if n.op == "call_function" and n.target is call_delegate
-    ]
-
+    return [n for n in program.graph.nodes if n.op == "call_function" and n.target is call_delegate]

@@ -141,6 +141,4 @@ def _lower_whole(
             "supports"
         )
     spec = DelegationSpec(backend_id, tuple(dict_to_specs(compile_specs)))
-    return compile_segment(
-        program, spec, f"{backend_id}_program", owns_weights=True
-    )
+    return compile_segment(program, spec, f"{backend_id}_program", owns_weights=True)

@@ -114,7 +114,9 @@ class CapabilityPartitioner:
             require_available(delegate)
         return chosen
 
-    def _assign(self, node: Node, delegates: list[Delegate], assignment: dict[Node, str]) -> str | None:
+    def _assign(
+        self, node: Node, delegates: list[Delegate], assignment: dict[Node, str]
+    ) -> str | None:
         """Backend id for `node`, or None with the reason recorded in node.meta."""
         if node.target is call_delegate:
             return None  # already delegated: not a candidate, and not "kept in PyTorch"
@@ -168,9 +170,7 @@ class CapabilityPartitioner:
                 compute = [n for n in nodes if n.target is not operator.getitem]
                 if len(compute) < self.min_block_size:
                     for node in nodes:
-                        node.meta[REASON_KEY] = (
-                            f"region below min_block_size={self.min_block_size}"
-                        )
+                        node.meta[REASON_KEY] = f"region below min_block_size={self.min_block_size}"
                     continue
                 tag = f"{backend_id}_{len(tags)}"
                 for node in nodes:
@@ -185,6 +185,4 @@ class AllNodePartitioner(CapabilityPartitioner):
     """Everything `backend_id` supports, to that one delegate."""
 
     def __init__(self, backend_id: str, *, compile_specs: Mapping[str, Any] | None = None) -> None:
-        super().__init__(
-            [backend_id], compile_specs={backend_id: dict(compile_specs or {})}
-        )
+        super().__init__([backend_id], compile_specs={backend_id: dict(compile_specs or {})})

@@ -25,7 +25,9 @@ class TagNodes:
 def test_unknown_backend_lists_known_ids():
     model, inputs = make("mlp")
     program = torch.export.export(model, inputs)
-    with pytest.raises(nativert.UnknownDelegateError, match=r"'nope'.*registered delegates: .*eager"):
+    with pytest.raises(
+        nativert.UnknownDelegateError, match=r"'nope'.*registered delegates: .*eager"
+    ):
         nativert.to_backend("nope", program)
     with pytest.raises(nativert.UnknownDelegateError, match=r"registered delegates: .*eager"):
         nativert.CapabilityPartitioner(["nope"])

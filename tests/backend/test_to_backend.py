@@ -41,7 +41,8 @@ def test_lowered_program_matches_eager(name):
     delegated.validate()
     assert delegate_count(delegated) == 1
     remaining = [
-        n for n in delegated.graph.nodes
+        n
+        for n in delegated.graph.nodes
         if n.op == "call_function" and n.target not in (operator.getitem, nativert.call_delegate)
     ]
     assert remaining == [], f"nodes left outside the delegate: {remaining}"
@@ -108,7 +109,8 @@ def test_unsupported_op_splits_into_two_partitions(registered):
     nodes = nativert.delegate_nodes(delegated)
     assert len(nodes) == 2
     outside = [
-        n.target for n in delegated.graph.nodes
+        n.target
+        for n in delegated.graph.nodes
         if n.op == "call_function" and n.target not in (operator.getitem, nativert.call_delegate)
     ]
     assert outside == [torch.ops.aten.sin.default]
@@ -139,10 +141,15 @@ def test_min_block_size_sends_small_regions_back():
     assert addmm.meta["nativert_not_delegated"] == "region below min_block_size=3"
     (node,) = nativert.delegate_nodes(delegated)
     lowered = getattr(delegated.graph_module, node.args[0].target)
-    inner = sorted(str(n.target) for n in lowered.original_module.graph.nodes
-                   if n.op == "call_function")
-    assert inner == ["aten.add.Tensor", "aten.addmm.default", "aten.permute.default",
-                     "aten.sin.default"]
+    inner = sorted(
+        str(n.target) for n in lowered.original_module.graph.nodes if n.op == "call_function"
+    )
+    assert inner == [
+        "aten.add.Tensor",
+        "aten.addmm.default",
+        "aten.permute.default",
+        "aten.sin.default",
+    ]
     with torch.no_grad():
         assert_close(delegated.module()(*inputs), model(*inputs))
 

@@ -27,7 +27,7 @@ class EagerExecutor:
         self._graph_module = reference.graph_module
         self.weight_names = weight_names(reference)
         values = placeholder_values(reference)
-        self._expected = dict(zip(self.weight_names, values[: len(self.weight_names)]))
+        self._expected = dict(zip(self.weight_names, values[: len(self.weight_names)], strict=True))
         self._weights: tuple[torch.Tensor, ...] | None = None if self.weight_names else ()
         self._staged: tuple[torch.Tensor, ...] | None = None
         self._stage_lock = threading.Lock()
