@@ -17,7 +17,7 @@ from nativert.backend.delegate import (
     unregister_delegate,
 )
 from nativert.backend.delegates import register_builtin_delegates as _register_builtins
-from nativert.backend.lowering import delegate_nodes
+from nativert.backend.lowering import delegate_nodes, lowered_modules
 from nativert.backend.to_backend import to_backend
 from nativert.call_delegate import call_delegate
 from nativert.errors import (
@@ -68,6 +68,7 @@ __all__ = [
     "delegate_nodes",
     "get_delegate",
     "list_delegates",
+    "lowered_modules",
     "register_delegate",
     "to_backend",
     "unregister_delegate",

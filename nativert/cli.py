@@ -14,12 +14,11 @@ DEMO_TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
 
 
 def _summarize(program: torch.export.ExportedProgram) -> list[str]:
-    from nativert.backend.lowering import delegate_nodes
+    from nativert.backend.lowering import lowered_modules
     from nativert.partitioner.base import REASON_KEY
 
     lines = []
-    for node in delegate_nodes(program):
-        lowered = getattr(program.graph_module, node.args[0].target)
+    for lowered in lowered_modules(program):
         ops: dict[str, int] = {}
         for inner in lowered.original_module.graph.nodes:
             if inner.op == "call_function":

@@ -191,19 +191,22 @@ class LoweredBackendModule(torch.nn.Module):
         if not self.owns_weights:
             return self
         if self._view is None:
-            view = LoweredBackendModule(
-                backend_id=self.backend_id,
-                processed_bytes=self.processed_bytes,
-                compile_specs=self.compile_specs,
-                original_module=self.original_module,
-                module_name=self.module_name,
-                owns_weights=False,
-                mutated_arg_indices=self.mutated_arg_indices,
-                nondifferentiable_outputs=self.nondifferentiable_outputs,
-                runtime=self._runtime,
-            )
-            object.__setattr__(self, "_view", view)
+            object.__setattr__(self, "_view", self._sharing_runtime())
         return self._view
+
+    def _sharing_runtime(self) -> LoweredBackendModule:
+        """A weight-free module with this one's payload, reference program and runtime."""
+        return LoweredBackendModule(
+            backend_id=self.backend_id,
+            processed_bytes=self.processed_bytes,
+            compile_specs=self.compile_specs,
+            original_module=self.original_module,
+            module_name=self.module_name,
+            owns_weights=False,
+            mutated_arg_indices=self.mutated_arg_indices,
+            nondifferentiable_outputs=self.nondifferentiable_outputs,
+            runtime=self._runtime,
+        )
 
     @property
     def executor(self) -> DelegateExecutor:
@@ -273,17 +276,7 @@ class LoweredBackendModule(torch.nn.Module):
         if not self.owns_weights:
             memo[id(self)] = self
             return self
-        clone = LoweredBackendModule(
-            backend_id=self.backend_id,
-            processed_bytes=self.processed_bytes,
-            compile_specs=self.compile_specs,
-            original_module=self.original_module,
-            module_name=self.module_name,
-            owns_weights=False,
-            mutated_arg_indices=self.mutated_arg_indices,
-            nondifferentiable_outputs=self.nondifferentiable_outputs,
-            runtime=self._runtime,
-        )
+        clone = self._sharing_runtime()
         memo[id(self)] = clone
         clone.owns_weights = True
         for name, param in self._parameters.items():

@@ -330,3 +330,10 @@ def _rebind(program: ExportedProgram, gm: GraphModule, old_outputs: list[str]) -
 def delegate_nodes(program: ExportedProgram) -> list[Node]:
     """The call_delegate nodes of a program, in graph order."""
     return [n for n in program.graph.nodes if n.op == "call_function" and n.target is call_delegate]
+
+
+def lowered_modules(program: ExportedProgram) -> list[LoweredBackendModule]:
+    """The lowered module each call_delegate node calls, in graph order."""
+    return [
+        program.graph_module.get_submodule(node.args[0].target) for node in delegate_nodes(program)
+    ]

@@ -71,8 +71,7 @@ def test_buffer_updated_in_forward_advances_state():
 def test_mutated_buffer_stays_at_top_level():
     model, inputs = make("counter")
     delegated = lower(model, inputs)
-    (node,) = nativert.delegate_nodes(delegated)
-    lowered = getattr(delegated.graph_module, node.args[0].target)
+    (lowered,) = nativert.lowered_modules(delegated)
     segment_sig = lowered.original_module.graph_signature
     assert "steps" not in segment_sig.buffers, "a mutated buffer must not be owned by a delegate"
     assert segment_sig.buffers_to_mutate == {}
@@ -82,8 +81,7 @@ def test_mutated_buffer_stays_at_top_level():
 def test_weights_used_by_one_region_move_into_it_without_copies():
     model, inputs = make("mlp")
     delegated = lower(model, inputs)
-    (node,) = nativert.delegate_nodes(delegated)
-    lowered = getattr(delegated.graph_module, node.args[0].target)
+    (lowered,) = nativert.lowered_modules(delegated)
     owned = lowered.original_module.state_dict
     assert sorted(owned) == sorted(name for name, _ in model.named_parameters())
     for name, tensor in owned.items():
@@ -139,8 +137,7 @@ def test_min_block_size_sends_small_regions_back():
     assert delegate_count(delegated) == 1
     addmm = next(n for n in delegated.graph.nodes if n.target is torch.ops.aten.addmm.default)
     assert addmm.meta["nativert_not_delegated"] == "region below min_block_size=3"
-    (node,) = nativert.delegate_nodes(delegated)
-    lowered = getattr(delegated.graph_module, node.args[0].target)
+    (lowered,) = nativert.lowered_modules(delegated)
     inner = sorted(
         str(n.target) for n in lowered.original_module.graph.nodes if n.op == "call_function"
     )
