@@ -17,9 +17,8 @@ from nativert.backend.delegate import (
     unregister_delegate,
 )
 from nativert.backend.delegates import register_builtin_delegates as _register_builtins
-from nativert.backend.lowering import delegate_nodes, lowered_modules
 from nativert.backend.to_backend import to_backend
-from nativert.call_delegate import call_delegate
+from nativert.call_delegate import call_delegate, delegate_nodes, lowered_modules
 from nativert.errors import (
     DelegateCallError,
     DelegateCompileError,
@@ -34,9 +33,12 @@ from nativert.lowered import LoweredBackendModule
 from nativert.partitioner import (
     AllNodePartitioner,
     CapabilityPartitioner,
+    DelegationReport,
     DelegationSpec,
     Partitioner,
     PartitionResult,
+    SupportTable,
+    delegation_report,
 )
 from nativert.passes import PassResult
 
@@ -54,6 +56,7 @@ __all__ = [
     "DelegateCompileError",
     "DelegateExecutor",
     "DelegateUnavailableError",
+    "DelegationReport",
     "DelegationSpec",
     "LoweredBackendModule",
     "LoweringError",
@@ -62,10 +65,12 @@ __all__ = [
     "PartitionResult",
     "Partitioner",
     "PassResult",
+    "SupportTable",
     "UnknownDelegateError",
     "WeightsError",
     "call_delegate",
     "delegate_nodes",
+    "delegation_report",
     "get_delegate",
     "list_delegates",
     "lowered_modules",

@@ -8,7 +8,16 @@ from typing import Any
 import torch
 from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
-from torch.export.graph_signature import InputKind
+from torch.export.exported_program import ModuleCallEntry, ModuleCallSignature
+from torch.export.graph_signature import (
+    ExportGraphSignature,
+    InputKind,
+    InputSpec,
+    OutputSpec,
+    SymIntArgument,
+    TensorArgument,
+)
+from torch.fx import GraphModule, Node
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from nativert.errors import LoweringError, WeightsError
@@ -139,3 +148,113 @@ def find_nondifferentiable_outputs(
 
 def _is_float(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
+
+
+def rebuild_program(
+    program: ExportedProgram,
+    gm: GraphModule,
+    *,
+    new_inputs: Mapping[str, InputSpec] | None = None,
+    new_weights: Mapping[str, torch.Tensor] | None = None,
+    inputs_by_position: bool = False,
+) -> ExportedProgram:
+    """A new ExportedProgram over `gm`, a rewritten copy of `program`'s graph.
+
+    Input specs follow gm's placeholders: by name (from `program` or `new_inputs`), or by
+    position when `inputs_by_position` (for rewrites that keep every placeholder but may
+    rename them, as fusing does). Output specs are re-bound by position to gm's output node,
+    so passes may replace output nodes. Weights no placeholder refers to any more are
+    dropped; `new_weights` are added.
+    """
+    new_inputs = dict(new_inputs or {})
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    renamed_inputs: dict[str, str] = {}
+    if inputs_by_position:
+        input_specs = []
+        for spec, node in zip(program.graph_signature.input_specs, placeholders, strict=True):
+            if spec.arg.name != node.name:
+                renamed_inputs[spec.arg.name] = node.name
+                spec = InputSpec(
+                    spec.kind, type(spec.arg)(name=node.name), spec.target, spec.persistent
+                )
+            input_specs.append(spec)
+    else:
+        old_inputs = {spec.arg.name: spec for spec in program.graph_signature.input_specs}
+        input_specs = [new_inputs.get(n.name) or old_inputs[n.name] for n in placeholders]
+    targets = {spec.target for spec in input_specs if spec.kind in WEIGHT_KINDS}
+    weights = {**program.state_dict, **program.constants, **(new_weights or {})}
+    state_dict, constants = {}, {}
+    for spec in input_specs:
+        if spec.kind not in WEIGHT_KINDS:
+            continue
+        persistent = spec.kind == InputKind.PARAMETER or (
+            spec.kind == InputKind.BUFFER and spec.persistent
+        )
+        if spec.target in program.constants and spec.target not in program.state_dict:
+            persistent = False
+        (state_dict if persistent else constants)[spec.target] = weights[spec.target]
+    # Non-tensor constants (script objects) stay as they were.
+    constants.update(
+        {
+            k: v
+            for k, v in program.constants.items()
+            if k not in targets and not isinstance(v, torch.Tensor)
+        }
+    )
+
+    output_args = gm.graph.output_node().args[0]
+    sig = program.graph_signature
+    renamed, output_specs = {}, []
+    for spec, arg in zip(sig.output_specs, output_args, strict=True):
+        target = renamed_inputs.get(spec.target, spec.target)  # user-input mutations
+        if isinstance(spec.arg, (TensorArgument, SymIntArgument)) and isinstance(arg, Node):
+            renamed[spec.arg.name] = arg.name
+            spec = OutputSpec(spec.kind, type(spec.arg)(name=arg.name), target)
+        output_specs.append(spec)
+
+    call_graph = []
+    for entry in program.module_call_graph:
+        signature = entry.signature
+        if signature is not None and entry.fqn == "":
+            outputs = [
+                type(a)(name=renamed.get(a.name, a.name))
+                if isinstance(a, (TensorArgument, SymIntArgument))
+                else a
+                for a in signature.outputs
+            ]
+            inputs = [
+                type(a)(name=renamed_inputs.get(a.name, a.name))
+                if isinstance(a, (TensorArgument, SymIntArgument))
+                else a
+                for a in signature.inputs
+            ]
+            signature = ModuleCallSignature(
+                inputs=inputs,
+                outputs=outputs,
+                in_spec=signature.in_spec,
+                out_spec=signature.out_spec,
+                forward_arg_names=signature.forward_arg_names,
+            )
+        call_graph.append(ModuleCallEntry(entry.fqn, signature))
+
+    return ExportedProgram(
+        root=gm,
+        graph=gm.graph,
+        graph_signature=ExportGraphSignature(input_specs, output_specs),
+        state_dict=state_dict,
+        range_constraints=program.range_constraints,
+        module_call_graph=call_graph,
+        example_inputs=program.example_inputs,
+        constants=constants,
+        verifiers=program.verifiers,
+    )
+
+
+def copy_graph_module(program: ExportedProgram) -> GraphModule:
+    """A copy of the program's graph module that a pass may rewrite freely.
+
+    Graph and attributes are copied; lowered modules share their runtime (their __deepcopy__).
+    """
+    import copy
+
+    return copy.deepcopy(program.graph_module)

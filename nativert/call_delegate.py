@@ -178,5 +178,17 @@ def _call_delegate_autograd(lowered_module: Any, *args: Any) -> tuple[torch.Tens
     return _CallDelegateFunction.apply(lowered_module, *args)
 
 
+def delegate_nodes(program: Any) -> list[torch.fx.Node]:
+    """The call_delegate nodes of an ExportedProgram, in graph order."""
+    return [n for n in program.graph.nodes if n.op == "call_function" and n.target is call_delegate]
+
+
+def lowered_modules(program: Any) -> list[Any]:
+    """The LoweredBackendModule each call_delegate node calls, in graph order."""
+    return [
+        program.graph_module.get_submodule(node.args[0].target) for node in delegate_nodes(program)
+    ]
+
+
 # Dynamo support lives in one small module because it uses private Dynamo API.
 from nativert import _dynamo_hop  # noqa: E402,F401  (registers the HOP with Dynamo)

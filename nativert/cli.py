@@ -14,7 +14,7 @@ DEMO_TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
 
 
 def _summarize(program: torch.export.ExportedProgram) -> list[str]:
-    from nativert.backend.lowering import lowered_modules
+    from nativert.call_delegate import lowered_modules
     from nativert.partitioner.base import REASON_KEY
 
     lines = []

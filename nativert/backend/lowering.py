@@ -32,7 +32,7 @@ from torch.export.graph_signature import (
 from torch.fx import GraphModule, Node
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions, validate_partition
 
-from nativert._program import WEIGHT_KINDS
+from nativert._program import WEIGHT_KINDS, rebuild_program
 from nativert.backend.delegate import get_delegate, require_available
 from nativert.call_delegate import HOP_NAME, call_delegate
 from nativert.errors import DelegateCompileError, PartitionError
@@ -220,7 +220,6 @@ def lower_tagged_program(
     """Replace every tagged region of `program` (modified in place) by a delegate call."""
     regions = check_tags(program, tags)
     gm = program.graph_module
-    old_outputs = [spec.arg.name for spec in program.graph_signature.output_specs]
 
     for index, tag in enumerate(regions):
         # fuse_by_partitions rebuilds gm.graph (stable_topological_sort makes new Nodes), so
@@ -277,63 +276,6 @@ def lower_tagged_program(
 
     gm.graph.lint()
     gm.recompile()
-    return _rebind(program, gm, old_outputs)
-
-
-def _rebind(program: ExportedProgram, gm: GraphModule, old_outputs: list[str]) -> ExportedProgram:
-    """A new ExportedProgram over `gm` whose signature names the current output nodes."""
-    output_args = gm.graph.output_node().args[0]
-    renamed = {
-        old: arg.name
-        for old, arg in zip(old_outputs, output_args, strict=True)
-        if isinstance(arg, Node)
-    }
-    sig = program.graph_signature
-    output_specs = []
-    for spec, arg in zip(sig.output_specs, output_args, strict=True):
-        if isinstance(spec.arg, (TensorArgument, SymIntArgument)) and isinstance(arg, Node):
-            spec = OutputSpec(spec.kind, type(spec.arg)(name=arg.name), spec.target)
-        output_specs.append(spec)
-
-    call_graph = []
-    for entry in program.module_call_graph:
-        signature = entry.signature
-        if signature is not None and entry.fqn == "":
-            outputs = [
-                type(a)(name=renamed.get(a.name, a.name))
-                if isinstance(a, (TensorArgument, SymIntArgument))
-                else a
-                for a in signature.outputs
-            ]
-            signature = ModuleCallSignature(
-                inputs=signature.inputs,
-                outputs=outputs,
-                in_spec=signature.in_spec,
-                out_spec=signature.out_spec,
-                forward_arg_names=signature.forward_arg_names,
-            )
-        call_graph.append(ModuleCallEntry(entry.fqn, signature))
-
-    return ExportedProgram(
-        root=gm,
-        graph=gm.graph,
-        graph_signature=ExportGraphSignature(list(sig.input_specs), output_specs),
-        state_dict=program.state_dict,
-        range_constraints=program.range_constraints,
-        module_call_graph=call_graph,
-        example_inputs=program.example_inputs,
-        constants=program.constants,
-        verifiers=program.verifiers,
-    )
-
-
-def delegate_nodes(program: ExportedProgram) -> list[Node]:
-    """The call_delegate nodes of a program, in graph order."""
-    return [n for n in program.graph.nodes if n.op == "call_function" and n.target is call_delegate]
-
-
-def lowered_modules(program: ExportedProgram) -> list[LoweredBackendModule]:
-    """The lowered module each call_delegate node calls, in graph order."""
-    return [
-        program.graph_module.get_submodule(node.args[0].target) for node in delegate_nodes(program)
-    ]
+    # Fusing keeps every placeholder but may rename one (stable_topological_sort renames
+    # a placeholder called `input`), so inputs are re-bound by position.
+    return rebuild_program(program, gm, inputs_by_position=True)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import copy
+from collections.abc import Mapping, Sequence
 from typing import Any, overload
 
 from torch.export import ExportedProgram
@@ -13,9 +14,8 @@ from nativert.errors import LoweringError, PartitionError
 from nativert.lowered import LoweredBackendModule
 from nativert.partitioner.base import DelegationSpec, Partitioner
 from nativert.partitioner.capability import CapabilityPartitioner, op_name
-from nativert.passes import PassResult, decompose_to_core_aten
-
-Pass = Callable[[ExportedProgram], PassResult]
+from nativert.passes import DEFAULT_PIPELINE, decompose_to_core_aten, run_passes
+from nativert.passes.manager import Pass
 
 
 @overload
@@ -23,7 +23,7 @@ def to_backend(
     program: ExportedProgram,
     partitioner: Partitioner | None = None,
     *,
-    passes: Sequence[Pass] = (),
+    passes: Sequence[Pass | tuple[str, Pass]] | None = None,
 ) -> ExportedProgram: ...
 
 
@@ -71,17 +71,42 @@ def _fingerprint(program: ExportedProgram) -> list[tuple[str, str, str]]:
     return [(n.name, n.op, str(n.target)) for n in program.graph.nodes]
 
 
-def _run_passes(program: ExportedProgram, passes: Sequence[Pass]) -> ExportedProgram:
-    for fn in passes:
-        program = fn(program).program
-    return program
+def _prepare(
+    program: ExportedProgram,
+    candidates: Sequence[str],
+    passes: Sequence[Pass | tuple[str, Pass]] | None,
+) -> ExportedProgram:
+    """Decompose and run the pass pipeline; the result is a program of our own to rewrite.
+
+    Segments must be functional (mutations stay outside them), so a program still in training
+    IR is functionalized even when `passes=[]` turns the pipeline off.
+    """
+    if passes is None:
+        preserve = _preserved_ops(candidates)
+        program = decompose_to_core_aten(program, preserve=preserve).program
+        passes = DEFAULT_PIPELINE
+    elif program.verifiers[0].dialect != "ATEN":
+        program = program.run_decompositions({})
+    else:
+        program = ExportedProgram(  # a shallow twin whose graph we may tag and rewrite
+            root=copy.deepcopy(program.graph_module),
+            graph=None,
+            graph_signature=program.graph_signature,
+            state_dict=program.state_dict,
+            range_constraints=program.range_constraints,
+            module_call_graph=program.module_call_graph,
+            example_inputs=program.example_inputs,
+            constants=program.constants,
+            verifiers=program.verifiers,
+        )
+    return run_passes(program, passes).program
 
 
 def _lower_partitioned(
     program: ExportedProgram,
     partitioner: Partitioner | None = None,
     *,
-    passes: Sequence[Pass] = (),
+    passes: Sequence[Pass | tuple[str, Pass]] | None = None,
 ) -> ExportedProgram:
     if partitioner is None:
         partitioner = CapabilityPartitioner()
@@ -96,10 +121,7 @@ def _lower_partitioned(
             f"partitioner must have a partition(program) method, got {type(partitioner).__name__}"
         )
     candidates = getattr(partitioner, "delegates", None) or list_delegates(available_only=True)
-    # Decomposition always runs: segments must be functional, so mutations stay outside them.
-    # It also gives us a program of our own to tag and rewrite; the caller's is untouched.
-    program = decompose_to_core_aten(program, preserve=_preserved_ops(candidates)).program
-    program = _run_passes(program, passes)
+    program = _prepare(program, candidates, passes)
 
     before = _fingerprint(program)
     result = partitioner.partition(program)

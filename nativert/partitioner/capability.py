@@ -1,7 +1,9 @@
 """CapabilityPartitioner: each node goes to the first delegate that supports it.
 
 Regions of one delegate are grown by torch's CapabilityBasedPartitioner, which never creates
-a cycle. Every call_function node that stays in PyTorch records why in
+a cycle within a delegate. Regions of different delegates can still form a cycle together
+(A feeds B feeds A); such cycles are broken by sending the smaller region back to PyTorch.
+Every call_function node that stays in PyTorch records why in
 node.meta["nativert_not_delegated"].
 """
 
@@ -27,6 +29,7 @@ from nativert.backend.delegate import (
 from nativert.call_delegate import call_delegate
 from nativert.errors import NativertError
 from nativert.partitioner.base import REASON_KEY, TAG_KEY, DelegationSpec, PartitionResult
+from nativert.partitioner.support import INPUT_KIND_KEY
 
 OpLike = torch._ops.OpOverload | torch._ops.OpOverloadPacket | str
 
@@ -81,6 +84,8 @@ class CapabilityPartitioner:
         delegates: backend ids in priority order; default every available delegate.
         min_block_size: regions with fewer compute nodes stay in PyTorch.
         exclude_ops: ops ("aten::name" or OpOverload) that always stay in PyTorch.
+        allow_single_node_ops: ops whose regions are kept even below min_block_size
+            (a region is kept when all its compute nodes are such ops).
         compile_specs: per backend id, a dict of compile options.
     """
 
@@ -90,6 +95,7 @@ class CapabilityPartitioner:
         *,
         min_block_size: int = 1,
         exclude_ops: Iterable[OpLike] = (),
+        allow_single_node_ops: Iterable[OpLike] = (),
         compile_specs: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         if isinstance(delegates, str):
@@ -104,6 +110,7 @@ class CapabilityPartitioner:
             get_delegate(backend_id)  # unknown id: error listing the known ones, now
         self.min_block_size = min_block_size
         self.exclude_ops = frozenset(_normalize_op(op) for op in exclude_ops)
+        self.allow_single_node_ops = frozenset(_normalize_op(op) for op in allow_single_node_ops)
         self.compile_specs = {k: dict(v) for k, v in (compile_specs or {}).items()}
 
     def _resolve(self) -> list[Delegate]:
@@ -132,7 +139,11 @@ class CapabilityPartitioner:
             node.meta[REASON_KEY] = "excluded by user"
             return None
         if not _produces_tensors(node):
-            node.meta[REASON_KEY] = "produces a Python scalar (shape arithmetic stays in PyTorch)"
+            node.meta[REASON_KEY] = (
+                "returns no tensor (checks and effects stay in PyTorch)"
+                if node.meta.get("val") is None
+                else "produces a Python scalar (shape arithmetic stays in PyTorch)"
+            )
             return None
         reasons = []
         for delegate in delegates:
@@ -148,16 +159,19 @@ class CapabilityPartitioner:
     def partition(self, program: ExportedProgram) -> PartitionResult:
         gm = program.graph_module
         delegates = self._resolve()
+        kinds = {spec.arg.name: spec.kind for spec in program.graph_signature.input_specs}
         assignment: dict[Node, str] = {}
         for node in gm.graph.nodes:
             node.meta.pop(TAG_KEY, None)
             node.meta.pop(REASON_KEY, None)
-            if node.op == "call_function":
+            if node.op == "placeholder":
+                node.meta[INPUT_KIND_KEY] = kinds.get(node.name)
+            elif node.op == "call_function":
                 backend_id = self._assign(node, delegates, assignment)
                 if backend_id is not None:
                     assignment[node] = backend_id
 
-        tags: dict[str, DelegationSpec] = {}
+        regions: list[tuple[str, list[Node]]] = []
         for delegate in delegates:
             backend_id = delegate.backend_id
             if backend_id not in assignment.values():
@@ -167,18 +181,81 @@ class CapabilityPartitioner:
             )
             for partition in proposer.propose_partitions():
                 nodes = list(partition.nodes)
-                compute = [n for n in nodes if n.target is not operator.getitem]
-                if len(compute) < self.min_block_size:
+                if self._big_enough(nodes):
+                    regions.append((backend_id, nodes))
+                else:
                     for node in nodes:
                         node.meta[REASON_KEY] = f"region below min_block_size={self.min_block_size}"
-                    continue
-                tag = f"{backend_id}_{len(tags)}"
-                for node in nodes:
-                    node.meta[TAG_KEY] = tag
-                tags[tag] = DelegationSpec(
-                    backend_id, tuple(dict_to_specs(self.compile_specs.get(backend_id)))
-                )
+
+        tags: dict[str, DelegationSpec] = {}
+        for backend_id, nodes in _break_cycles(gm, regions):
+            tag = f"{backend_id}_{len(tags)}"
+            for node in nodes:
+                node.meta[TAG_KEY] = tag
+            tags[tag] = DelegationSpec(
+                backend_id, tuple(dict_to_specs(self.compile_specs.get(backend_id)))
+            )
         return PartitionResult(program, tags)
+
+    def _big_enough(self, nodes: list[Node]) -> bool:
+        compute = [n for n in nodes if is_compute(n)]
+        if len(compute) >= self.min_block_size:
+            return True
+        return bool(compute) and all(_matches(n, self.allow_single_node_ops) for n in compute)
+
+
+def is_compute(node: Node) -> bool:
+    """Counts toward min_block_size: not a getitem and not a view."""
+    if node.target is operator.getitem:
+        return False
+    return not (isinstance(node.target, torch._ops.OpOverload) and node.target.is_view)
+
+
+def _regions_on_cycles(
+    gm: torch.fx.GraphModule, regions: list[tuple[str, list[Node]]]
+) -> list[int]:
+    """Indices of regions on a cycle once each region is contracted to one vertex (Kahn)."""
+    owner = {node: i for i, (_, nodes) in enumerate(regions) for node in nodes}
+    edges: dict[Any, set[Any]] = {}
+    indegree: dict[Any, int] = {}
+    for node in gm.graph.nodes:
+        src = ("region", owner[node]) if node in owner else node
+        edges.setdefault(src, set())
+        indegree.setdefault(src, 0)
+        for user in node.users:
+            dst = ("region", owner[user]) if user in owner else user
+            if dst != src and dst not in edges[src]:
+                edges[src].add(dst)
+                indegree[dst] = indegree.get(dst, 0) + 1
+    ready = [v for v, d in indegree.items() if d == 0]
+    while ready:
+        for w in edges[ready.pop()]:
+            indegree[w] -= 1
+            if indegree[w] == 0:
+                ready.append(w)
+    return [v[1] for v, d in indegree.items() if d > 0 and isinstance(v, tuple)]
+
+
+def _break_cycles(
+    gm: torch.fx.GraphModule, regions: list[tuple[str, list[Node]]]
+) -> list[tuple[str, list[Node]]]:
+    """Drop regions until fusing every remaining region yields an acyclic graph.
+
+    Regions left over by a topological sort of the contracted graph sit on a cycle; the
+    smallest of them goes back to PyTorch (with the reason recorded), and we try again.
+    """
+    regions = list(regions)
+    while stuck := _regions_on_cycles(gm, regions):
+        victim = min(stuck, key=lambda i: (len(regions[i][1]), -i))
+        backend_id, nodes = regions[victim]
+        others = sorted({regions[i][0] for i in stuck if i != victim})
+        for node in nodes:
+            node.meta[REASON_KEY] = (
+                f"its {backend_id} region would form a cycle with regions of "
+                f"{', '.join(others)}; kept in PyTorch"
+            )
+        del regions[victim]
+    return regions
 
 
 class AllNodePartitioner(CapabilityPartitioner):

@@ -170,3 +170,13 @@ def test_run_decompositions_on_delegated_program():
     assert delegate_count(again) == 1
     with torch.no_grad():
         assert_close(again.module()(*inputs), model(*inputs))
+
+
+def test_placeholder_renamed_by_fusion_keeps_program_valid():
+    # nn.Linear's argument is called `input`; fusing renames that placeholder to `input_1`.
+    model, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
+    program = lower(model, (x,))
+    program.validate()
+    assert list(program.graph_signature.user_inputs) == ["input_1"]
+    with torch.no_grad():
+        assert_close(program.module()(x), model(x))

@@ -1,0 +1,115 @@
+"""The delegation report: what runs where, and why the rest stays in PyTorch.
+
+Built from a lowered program alone: delegated nodes are read from each lowered module's
+reference program, the rest from the top-level graph, with the reasons the partitioner left in
+node.meta. Counts add up to the compute nodes of the program before lowering.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections import Counter
+from typing import Any
+
+from torch.export import ExportedProgram
+from torch.fx import Node
+
+from nativert.call_delegate import call_delegate, lowered_modules
+from nativert.partitioner.base import REASON_KEY
+from nativert.partitioner.capability import op_name
+
+PYTORCH = "pytorch"
+NO_REASON = "no reason recorded (not partitioned by nativert, or loaded without metadata)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+    name: str
+    backend_id: str
+    num_nodes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DelegationReport:
+    """`ops[op][runner]` counts nodes per op, where runner is a backend id or "pytorch"."""
+
+    regions: tuple[Region, ...]
+    ops: dict[str, dict[str, int]]
+    reasons: dict[str, dict[str, int]]
+
+    @property
+    def total_nodes(self) -> int:
+        return sum(sum(by.values()) for by in self.ops.values())
+
+    @property
+    def delegated_nodes(self) -> int:
+        return sum(n for by in self.ops.values() for who, n in by.items() if who != PYTORCH)
+
+    def per_delegate(self) -> dict[str, int]:
+        totals: Counter[str] = Counter()
+        for by in self.ops.values():
+            totals.update(by)
+        return dict(totals)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total_nodes": self.total_nodes,
+            "delegated_nodes": self.delegated_nodes,
+            "per_delegate": self.per_delegate(),
+            "regions": [dataclasses.asdict(r) for r in self.regions],
+            "ops": self.ops,
+            "reasons": self.reasons,
+        }
+
+    def __str__(self) -> str:
+        total, delegated = self.total_nodes, self.delegated_nodes
+        share = f"{100 * delegated / total:.0f}%" if total else "n/a"
+        lines = [
+            f"Delegation report: {delegated} of {total} nodes delegated ({share}) "
+            f"in {len(self.regions)} region(s)"
+        ]
+        for region in self.regions:
+            lines.append(f"  {region.name:<24} {region.backend_id:<14} {region.num_nodes} nodes")
+        runners = sorted({who for by in self.ops.values() for who in by} - {PYTORCH}) + [PYTORCH]
+        width = max([len("op"), *(len(op) for op in self.ops)])
+        lines.append("  " + "op".ljust(width) + "".join(f"{r:>12}" for r in runners))
+        for op in sorted(self.ops):
+            counts = "".join(f"{self.ops[op].get(r, 0):>12}" for r in runners)
+            lines.append(f"  {op.ljust(width)}{counts}")
+        if self.reasons:
+            lines.append("  kept in PyTorch, and why:")
+            for op in sorted(self.reasons):
+                for reason, n in sorted(self.reasons[op].items()):
+                    lines.append(f"    {op} x{n}: {reason}")
+        return "\n".join(lines)
+
+
+def _is_delegate_plumbing(node: Node) -> bool:
+    if node.target is call_delegate:
+        return True
+    source = node.args[0] if node.target is operator.getitem and node.args else None
+    return isinstance(source, Node) and source.target is call_delegate
+
+
+def delegation_report(program: ExportedProgram) -> DelegationReport:
+    """Count delegated and non-delegated nodes per op and delegate, with why-not reasons."""
+    ops: dict[str, Counter[str]] = {}
+    reasons: dict[str, Counter[str]] = {}
+    regions = []
+    for lowered in lowered_modules(program):
+        inner = [n for n in lowered.original_module.graph.nodes if n.op == "call_function"]
+        regions.append(Region(lowered.module_name, lowered.backend_id, len(inner)))
+        for node in inner:
+            ops.setdefault(op_name(node.target), Counter())[lowered.backend_id] += 1
+    for node in program.graph.nodes:
+        if node.op != "call_function" or _is_delegate_plumbing(node):
+            continue
+        name = op_name(node.target)
+        ops.setdefault(name, Counter())[PYTORCH] += 1
+        reasons.setdefault(name, Counter())[node.meta.get(REASON_KEY, NO_REASON)] += 1
+    return DelegationReport(
+        regions=tuple(regions),
+        ops={op: dict(by) for op, by in ops.items()},
+        reasons={op: dict(by) for op, by in reasons.items()},
+    )
