@@ -23,6 +23,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from nativert.errors import LoweringError, WeightsError
 
 WEIGHT_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+ARG_NAME_KEY = "nativert_signature_name"
 
 
 def weight_names(program: ExportedProgram) -> tuple[str, ...]:
@@ -156,31 +157,33 @@ def rebuild_program(
     *,
     new_inputs: Mapping[str, InputSpec] | None = None,
     new_weights: Mapping[str, torch.Tensor] | None = None,
-    inputs_by_position: bool = False,
 ) -> ExportedProgram:
     """A new ExportedProgram over `gm`, a rewritten copy of `program`'s graph.
 
-    Input specs follow gm's placeholders: by name (from `program` or `new_inputs`), or by
-    position when `inputs_by_position` (for rewrites that keep every placeholder but may
-    rename them, as fusing does). Output specs are re-bound by position to gm's output node,
-    so passes may replace output nodes. Weights no placeholder refers to any more are
-    dropped; `new_weights` are added.
+    Input specs follow gm's placeholders, found by the signature name each placeholder had in
+    `program` (copies may rename a placeholder, e.g. one called `input`; see
+    `copy_graph_module`) or in `new_inputs`. Output specs are re-bound by position to gm's
+    output node, so passes may replace output nodes. Weights no placeholder refers to any
+    more are dropped; `new_weights` are added.
     """
     new_inputs = dict(new_inputs or {})
-    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    old_inputs = {spec.arg.name: spec for spec in program.graph_signature.input_specs}
     renamed_inputs: dict[str, str] = {}
-    if inputs_by_position:
-        input_specs = []
-        for spec, node in zip(program.graph_signature.input_specs, placeholders, strict=True):
-            if spec.arg.name != node.name:
-                renamed_inputs[spec.arg.name] = node.name
-                spec = InputSpec(
-                    spec.kind, type(spec.arg)(name=node.name), spec.target, spec.persistent
-                )
-            input_specs.append(spec)
-    else:
-        old_inputs = {spec.arg.name: spec for spec in program.graph_signature.input_specs}
-        input_specs = [new_inputs.get(n.name) or old_inputs[n.name] for n in placeholders]
+    input_specs = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        if node.name in new_inputs:
+            input_specs.append(new_inputs[node.name])
+            continue
+        spec = old_inputs[node.meta.get(ARG_NAME_KEY, node.name)]
+        if spec.arg.name != node.name:
+            renamed_inputs[spec.arg.name] = node.name
+            spec = InputSpec(
+                spec.kind, type(spec.arg)(name=node.name), spec.target, spec.persistent
+            )
+        input_specs.append(spec)
+    remember_input_names(gm)  # the new signature uses the current names
     targets = {spec.target for spec in input_specs if spec.kind in WEIGHT_KINDS}
     weights = {**program.state_dict, **program.constants, **(new_weights or {})}
     state_dict, constants = {}, {}
@@ -250,11 +253,29 @@ def rebuild_program(
     )
 
 
+def remember_input_names(gm: GraphModule, names: Iterable[str] | None = None) -> None:
+    """Record on each placeholder the signature name it answers to.
+
+    Graph copies (deepcopy, stable_topological_sort) may rename placeholders; meta travels
+    with the copies, so rebuild_program can still find each placeholder's spec.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [n.name for n in placeholders] if names is None else list(names)
+    for node, name in zip(placeholders, names, strict=True):
+        node.meta[ARG_NAME_KEY] = name
+
+
 def copy_graph_module(program: ExportedProgram) -> GraphModule:
     """A copy of the program's graph module that a pass may rewrite freely.
 
-    Graph and attributes are copied; lowered modules share their runtime (their __deepcopy__).
+    Graph and attributes are copied; lowered modules share their runtime (their
+    __deepcopy__). Placeholders remember their signature names (see remember_input_names).
     """
     import copy
 
-    return copy.deepcopy(program.graph_module)
+    original = [
+        n.meta.get(ARG_NAME_KEY, n.name) for n in program.graph.nodes if n.op == "placeholder"
+    ]
+    gm = copy.deepcopy(program.graph_module)
+    remember_input_names(gm, original)
+    return gm

@@ -38,6 +38,31 @@ class ConvNet(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention (scaled_dot_product_attention) and an MLP, with residuals."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, dim = x.shape
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(batch, seq, self.heads, dim // self.heads).transpose(1, 2)
+
+        attn = nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+        x = x + self.proj(attn.transpose(1, 2).reshape(batch, seq, dim))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
 def _randomize_bn(model: nn.Module, generator: torch.Generator) -> nn.Module:
     """Give batch norms non-trivial running stats so eval mode is a real test."""
     for module in model.modules():
@@ -65,4 +90,8 @@ def build(
 BUILTIN_MODELS: dict[str, Callable[[], tuple[nn.Module, Callable]]] = {
     "mlp": lambda: (MLP(), lambda b, g: (torch.randn(b, 32, generator=g),)),
     "convnet": lambda: (ConvNet(), lambda b, g: (torch.randn(b, 3, 16, 16, generator=g),)),
+    "transformer": lambda: (
+        TransformerBlock(),
+        lambda b, g: (torch.randn(b, 16, 32, generator=g),),
+    ),
 }

@@ -32,7 +32,7 @@ from torch.export.graph_signature import (
 from torch.fx import GraphModule, Node
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions, validate_partition
 
-from nativert._program import WEIGHT_KINDS, rebuild_program
+from nativert._program import WEIGHT_KINDS, rebuild_program, remember_input_names
 from nativert.backend.delegate import get_delegate, require_available
 from nativert.call_delegate import HOP_NAME, call_delegate
 from nativert.errors import DelegateCompileError, PartitionError
@@ -220,6 +220,8 @@ def lower_tagged_program(
     """Replace every tagged region of `program` (modified in place) by a delegate call."""
     regions = check_tags(program, tags)
     gm = program.graph_module
+    # Fusing may rename placeholders (stable_topological_sort renames one called `input`).
+    remember_input_names(gm)
 
     for index, tag in enumerate(regions):
         # fuse_by_partitions rebuilds gm.graph (stable_topological_sort makes new Nodes), so
@@ -276,6 +278,4 @@ def lower_tagged_program(
 
     gm.graph.lint()
     gm.recompile()
-    # Fusing keeps every placeholder but may rename one (stable_topological_sort renames
-    # a placeholder called `input`), so inputs are re-bound by position.
-    return rebuild_program(program, gm, inputs_by_position=True)
+    return rebuild_program(program, gm)

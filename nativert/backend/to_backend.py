@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any, overload
 
 from torch.export import ExportedProgram
 
+from nativert._program import copy_graph_module, rebuild_program
 from nativert.backend.delegate import dict_to_specs, get_delegate, list_delegates, require_available
 from nativert.backend.lowering import compile_segment, lower_tagged_program
 from nativert.errors import LoweringError, PartitionError
@@ -76,7 +76,7 @@ def _prepare(
     candidates: Sequence[str],
     passes: Sequence[Pass | tuple[str, Pass]] | None,
 ) -> ExportedProgram:
-    """Decompose and run the pass pipeline; the result is a program of our own to rewrite.
+    """Decompose and run the pass pipeline; return a program of our own to tag and rewrite.
 
     Segments must be functional (mutations stay outside them), so a program still in training
     IR is functionalized even when `passes=[]` turns the pipeline off.
@@ -87,19 +87,9 @@ def _prepare(
         passes = DEFAULT_PIPELINE
     elif program.verifiers[0].dialect != "ATEN":
         program = program.run_decompositions({})
-    else:
-        program = ExportedProgram(  # a shallow twin whose graph we may tag and rewrite
-            root=copy.deepcopy(program.graph_module),
-            graph=None,
-            graph_signature=program.graph_signature,
-            state_dict=program.state_dict,
-            range_constraints=program.range_constraints,
-            module_call_graph=program.module_call_graph,
-            example_inputs=program.example_inputs,
-            constants=program.constants,
-            verifiers=program.verifiers,
-        )
-    return run_passes(program, passes).program
+    program = run_passes(program, passes).program
+    # Partitioners tag, and lowering rewrites, a copy: never the caller's graph.
+    return rebuild_program(program, copy_graph_module(program))
 
 
 def _lower_partitioned(

@@ -180,3 +180,50 @@ def test_placeholder_renamed_by_fusion_keeps_program_valid():
     assert list(program.graph_signature.user_inputs) == ["input_1"]
     with torch.no_grad():
         assert_close(program.module()(x), model(x))
+
+
+class CloneThenRelu(torch.nn.Module):
+    def forward(self, x):
+        return torch.relu(x.clone()) * 2
+
+
+def inner_ops(program) -> list:
+    return [
+        n.target
+        for m in nativert.lowered_modules(program)
+        for n in m.original_module.graph.nodes
+        if n.op == "call_function"
+    ]
+
+
+def test_default_pipeline_runs_before_partitioning():
+    x = torch.randn(3)
+    program = lower(CloneThenRelu(), (x,))
+    assert torch.ops.aten.clone.default not in inner_ops(program)  # remove_noop_ops ran
+
+
+def test_passes_empty_turns_the_pipeline_off_but_keeps_segments_functional():
+    x = torch.randn(3)
+    program = nativert.to_backend(torch.export.export(CloneThenRelu(), (x,)), passes=[])
+    assert torch.ops.aten.clone.default in inner_ops(program)
+    model, inputs = make("counter")
+    program = nativert.to_backend(torch.export.export(model, inputs), passes=[])
+    assert list(program.graph_signature.buffers_to_mutate.values()) == ["steps"]
+    reference, _ = make("counter")
+    with torch.no_grad():
+        runnable = program.module()
+        for step in range(2):
+            assert_close(runnable(*inputs), reference(*inputs), what=f"call {step}")
+
+
+def test_inference_pipeline_fuses_conv_batchnorm():
+    from nativert.passes import INFERENCE_PIPELINE, decompose_to_core_aten
+
+    model, inputs = make("convnet")
+    program = decompose_to_core_aten(torch.export.export(model, inputs)).program
+    delegated = nativert.to_backend(program, passes=INFERENCE_PIPELINE)
+    delegated.validate()
+    ops = inner_ops(delegated)
+    assert torch.ops.aten._native_batch_norm_legit_no_training.default not in ops
+    with torch.no_grad():
+        assert_close(delegated.module()(*inputs), model(*inputs), atol=1e-5, rtol=1e-4)

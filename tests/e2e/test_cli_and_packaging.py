@@ -13,9 +13,11 @@ def test_demo_runs_and_checks_numerics():
         [sys.executable, "-m", "nativert", "demo"], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
-    assert "[mlp]" in result.stdout and "[convnet]" in result.stdout
-    assert result.stdout.count("numerics vs eager: OK") == 2
-    assert "delegate 'eager'" in result.stdout
+    for name in ("[mlp]", "[convnet]", "[transformer]"):
+        assert name in result.stdout
+    assert result.stdout.count("numerics vs eager: OK") == 3
+    assert result.stdout.count("Delegation report:") == 3
+    assert "demo: all models match eager" in result.stdout
 
 
 def test_unknown_command_fails_with_usage():
