@@ -39,9 +39,11 @@ def to_backend(
 def to_backend(first: Any, second: Any = None, **kwargs: Any) -> Any:
     """Delegate a program to backends.
 
-    `to_backend(ep, partitioner=None)` partitions `ep` (default: every node to the
-    highest-priority available delegate that supports it) and returns an ExportedProgram whose
-    regions run through `call_delegate`. `to_backend("eager", ep)` lowers the whole program to
+    `to_backend(ep, partitioner=None, passes=None)` decomposes `ep` to functional core ATen,
+    runs the pass pipeline (`passes=None`: nativert.passes.DEFAULT_PIPELINE; `[]`: none),
+    partitions it (default: every node to the highest-priority available delegate that
+    supports it) and returns an ExportedProgram whose regions run through `call_delegate`.
+    The program passed in is not modified. `to_backend("eager", ep)` lowers the whole program to
     one delegate and returns a LoweredBackendModule; calling it runs the program.
 
     Example::

@@ -74,6 +74,34 @@ def test_regions_of_two_delegates_never_form_a_cycle(registered):
         assert_close(program.module()(x), CrossDiamond()(x))
 
 
+class Diamond(nn.Module):
+    """a = x+1 -> sin -> c, and b = x+2 -> c: merging a with c would make a cycle via sin."""
+
+    def forward(self, x):
+        a = x + 1
+        b = x + 2
+        return torch.sin(a) + b
+
+
+def region_nodes(program) -> list[set[str]]:
+    return [
+        {n.name for n in m.original_module.graph.nodes if n.op == "call_function"}
+        for m in nativert.lowered_modules(program)
+    ]
+
+
+def test_diamond_within_one_delegate_is_split_without_cycle(registered):
+    registered(adds())
+    x = torch.randn(3)
+    program = lower(Diamond(), (x,), nativert.CapabilityPartitioner(["adds"]))
+    program.validate()
+    regions = region_nodes(program)
+    assert sorted(regions, key=len) == [{"add"}, {"add_1", "add_2"}]
+    assert kept(program) == {"sin": "adds: aten.sin.default is not in the support table"}
+    with torch.no_grad():
+        assert_close(program.module()(x), Diamond()(x))
+
+
 def test_exact_node_sets_split_by_unsupported_op(registered):
     registered(adds())
     x = torch.randn(3)
