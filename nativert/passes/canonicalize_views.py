@@ -15,8 +15,8 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
-from nativert._program import copy_graph_module, rebuild_program
-from nativert.passes.pass_result import PassResult
+from nativert._program import copy_graph_module
+from nativert.passes.pass_result import PassResult, rewritten
 
 aten = torch.ops.aten
 
@@ -49,7 +49,4 @@ def canonicalize_views(program: ExportedProgram) -> PassResult:
             node.args = (inner.args[0], *node.args[1:])
             gm.graph.erase_node(inner)
             modified = True
-    if not modified:
-        return PassResult(program, modified=False)
-    gm.recompile()
-    return PassResult(rebuild_program(program, gm), modified=True)
+    return rewritten(program, gm, modified)

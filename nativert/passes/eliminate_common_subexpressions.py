@@ -11,15 +11,13 @@ nodes, are never merged). Values are unchanged.
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
-import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
-from nativert._program import copy_graph_module, rebuild_program
-from nativert.passes.pass_result import PassResult
+from nativert._program import copy_graph_module
+from nativert.passes.pass_result import PassResult, is_pure_op, rewritten
 
 
 def _key(value: Any) -> Any:
@@ -36,24 +34,12 @@ def _key(value: Any) -> Any:
     return value
 
 
-def _mergeable(node: Node) -> bool:
-    if node.op != "call_function" or node.is_impure():
-        return False
-    target = node.target
-    if target is operator.getitem:
-        return True
-    return (
-        isinstance(target, torch._ops.OpOverload)
-        and torch.Tag.nondeterministic_seeded not in target.tags
-    )
-
-
 def eliminate_common_subexpressions(program: ExportedProgram) -> PassResult:
     gm = copy_graph_module(program)
     seen: dict[Any, Node] = {}
     modified = False
     for node in list(gm.graph.nodes):
-        if not _mergeable(node):
+        if not is_pure_op(node):
             continue
         key = (node.target, _key(node.args), _key(node.kwargs))
         first = seen.get(key)
@@ -63,7 +49,4 @@ def eliminate_common_subexpressions(program: ExportedProgram) -> PassResult:
         node.replace_all_uses_with(first)
         gm.graph.erase_node(node)
         modified = True
-    if not modified:
-        return PassResult(program, modified=False)
-    gm.recompile()
-    return PassResult(rebuild_program(program, gm), modified=True)
+    return rewritten(program, gm, modified)

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 from torch.export import ExportedProgram
 
-from nativert._program import copy_graph_module, rebuild_program
-from nativert.passes.pass_result import PassResult
+from nativert._program import copy_graph_module
+from nativert.passes.pass_result import PassResult, rewritten
 
 
 def eliminate_dead_code(program: ExportedProgram) -> PassResult:
     gm = copy_graph_module(program)
     before = len(gm.graph.nodes)
     gm.graph.eliminate_dead_code()
-    if len(gm.graph.nodes) == before:
-        return PassResult(program, modified=False)
-    gm.recompile()
-    return PassResult(rebuild_program(program, gm), modified=True)
+    return rewritten(program, gm, modified=len(gm.graph.nodes) != before)

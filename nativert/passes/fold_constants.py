@@ -14,28 +14,18 @@ program; each folded constant records its sources and a graph that recomputes it
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch.export import ExportedProgram
 from torch.fx import Graph, GraphModule, Node
 
 from nativert._program import copy_graph_module
 from nativert.passes.derived_weights import ConstantInstaller, DerivedWeight, record
-from nativert.passes.pass_result import PassResult
+from nativert.passes.pass_result import PassResult, is_pure_op
 
 
 def _foldable_op(node: Node) -> bool:
-    if node.op != "call_function" or node.is_impure():
-        return False
     target = node.target
-    if target is operator.getitem:
-        return True
-    return (
-        isinstance(target, torch._ops.OpOverload)
-        and not target.is_view
-        and torch.Tag.nondeterministic_seeded not in target.tags
-    )
+    return is_pure_op(node) and not (isinstance(target, torch._ops.OpOverload) and target.is_view)
 
 
 def _extract(frontier: Node, folded: set[Node], sources: dict[Node, str]) -> tuple:

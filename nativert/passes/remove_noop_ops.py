@@ -18,8 +18,8 @@ from torch.export import ExportedProgram
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from nativert._program import copy_graph_module, rebuild_program
-from nativert.passes.pass_result import PassResult
+from nativert._program import copy_graph_module
+from nativert.passes.pass_result import PassResult, rewritten
 
 aten = torch.ops.aten
 _IDENTITY = {aten.clone.default, aten.alias.default, aten.detach.default}
@@ -82,7 +82,4 @@ def remove_noop_ops(program: ExportedProgram) -> PassResult:
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
         modified = True
-    if not modified:
-        return PassResult(program, modified=False)
-    gm.recompile()
-    return PassResult(rebuild_program(program, gm), modified=True)
+    return rewritten(program, gm, modified)
