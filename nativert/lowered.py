@@ -46,18 +46,22 @@ class DelegateRuntime:
         self.weight_names = names
         self._lock = threading.Lock()
         self._bound_refs: tuple[torch.Tensor, ...] = ()
-        self._bound_key: tuple[tuple[int, int], ...] | None = None
+        self._bound_key: tuple[tuple[int, int], ...] | None = None  # None: rebind
 
     @staticmethod
-    def _key(weights: Sequence[torch.Tensor]) -> tuple[tuple[int, int], ...]:
+    def _key(weights: Sequence[torch.Tensor]) -> tuple[tuple[int, int], ...] | None:
+        """Identity and version of each weight; None when a weight is an inference tensor,
+        which has no version counter, so an in-place change could not be seen."""
+        if any(w.is_inference() for w in weights):
+            return None
         return tuple((id(w), w._version) for w in weights)
 
     def bind(self, weights: Sequence[torch.Tensor]) -> None:
         key = self._key(weights)
-        if key == self._bound_key:
+        if key is not None and key == self._bound_key:
             return
         with self._lock:
-            if key != self._bound_key:
+            if key is None or key != self._bound_key:
                 self.executor.init_weights(dict(zip(self.weight_names, weights, strict=True)))
                 # Holding the tensors keeps their ids from being reused while bound.
                 self._bound_refs = tuple(weights)

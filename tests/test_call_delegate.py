@@ -240,3 +240,16 @@ def test_deepcopy_shares_runtime_but_copies_owned_weights(mlp):
         clone.fc3_bias.add_(1.0)
         assert_close(lowered(x), model(x))
         assert not torch.allclose(clone(x), lowered(x))
+
+
+def test_inference_tensor_weights_work_and_in_place_changes_are_seen(mlp):
+    model, x, lowered = mlp
+    view = lowered.graph_view()
+    with torch.inference_mode():
+        weights = [getattr(lowered, a).detach().clone() for a in lowered._weight_attrs]
+        first = nativert.call_delegate(view, *weights, x)
+        weights[-1].add_(1.0)  # no version counter: the runtime must not trust a cache
+        second = nativert.call_delegate(view, *weights, x)
+    with torch.no_grad():
+        assert_close(first[0], model(x))
+        assert_close(second[0], model(x) + 1.0)
