@@ -49,10 +49,6 @@ def weight_tensor(program: ExportedProgram, target: str) -> torch.Tensor:
     raise LoweringError(f"weight {target!r} is in the signature but not in the program")
 
 
-def weight_tensors(program: ExportedProgram) -> dict[str, torch.Tensor]:
-    return {name: weight_tensor(program, name) for name in weight_names(program)}
-
-
 def placeholder_values(program: ExportedProgram) -> list[Any]:
     """meta['val'] of every placeholder, in order (fake tensors or SymInts)."""
     return [n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"]

@@ -31,10 +31,6 @@ class CompileSpec:
     value: JSONValue
 
 
-def specs_to_dict(specs: Sequence[CompileSpec]) -> dict[str, JSONValue]:
-    return {spec.key: spec.value for spec in specs}
-
-
 def dict_to_specs(options: Mapping[str, JSONValue] | None) -> list[CompileSpec]:
     return [CompileSpec(key, value) for key, value in sorted((options or {}).items())]
 
@@ -104,8 +100,7 @@ _REGISTRY: dict[str, Delegate] = {}
 def register_delegate(delegate: Delegate, *, replace: bool = False) -> Delegate:
     """Make `delegate` available under `delegate.backend_id`.
 
-    Registering an id twice is an error unless `replace=True`. Returns the delegate so that it
-    can be used as a class decorator on instances' factories.
+    Registering an id twice is an error unless `replace=True`. Returns the delegate.
     """
     if not isinstance(delegate, Delegate):
         missing = [

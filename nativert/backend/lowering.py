@@ -32,7 +32,12 @@ from torch.export.graph_signature import (
 from torch.fx import GraphModule, Node
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions, validate_partition
 
-from nativert._program import WEIGHT_KINDS, rebuild_program, remember_input_names
+from nativert._program import (
+    ARG_NAME_KEY,
+    WEIGHT_KINDS,
+    rebuild_program,
+    remember_input_names,
+)
 from nativert.backend.delegate import get_delegate, require_available
 from nativert.call_delegate import HOP_NAME, call_delegate
 from nativert.errors import DelegateCompileError, PartitionError
@@ -86,6 +91,11 @@ def check_tags(
     return regions
 
 
+def _signature_name(node: Node) -> str:
+    """The name a top-level node has in the program's signature (fusing may rename it)."""
+    return node.meta.get(ARG_NAME_KEY, node.name) if node.op == "placeholder" else node.name
+
+
 def _segment_program(
     program: ExportedProgram,
     sub_gm: GraphModule,
@@ -108,11 +118,11 @@ def _segment_program(
     placeholders = [n for n in sub_gm.graph.nodes if n.op == "placeholder"]
     owned, inputs = [], []
     for inner, outer in zip(placeholders, outer_args, strict=True):
-        spec = kinds.get(outer.name) if outer.op == "placeholder" else None
+        spec = kinds.get(_signature_name(outer)) if outer.op == "placeholder" else None
         is_owned = (
             spec is not None
             and spec.kind in WEIGHT_KINDS
-            and outer.name not in mutated_names
+            and _signature_name(outer) not in mutated_names
             and set(outer.users) == {owner_call}
         )
         (owned if is_owned else inputs).append((inner, outer, spec))
@@ -170,12 +180,11 @@ def _segment_program(
         verifiers=program.verifiers,
     )
     outer_ordered = [outer for _, outer, _ in ordered]
-    mutated_idx = [i for i, outer in enumerate(outer_ordered) if outer.name in mutated_names]
+    names = [_signature_name(outer) for outer in outer_ordered]
+    mutated_idx = [i for i, name in enumerate(names) if name in mutated_names]
     state_kinds = (InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
     state_idx = [
-        i
-        for i, outer in enumerate(outer_ordered)
-        if outer.name in kinds and kinds[outer.name].kind in state_kinds
+        i for i, name in enumerate(names) if name in kinds and kinds[name].kind in state_kinds
     ]
     return segment, outer_ordered, mutated_idx, state_idx
 

@@ -227,3 +227,49 @@ def test_inference_pipeline_fuses_conv_batchnorm():
     assert torch.ops.aten._native_batch_norm_legit_no_training.default not in ops
     with torch.no_grad():
         assert_close(delegated.module()(*inputs), model(*inputs), atol=1e-5, rtol=1e-4)
+
+
+class MutatesInput(torch.nn.Module):
+    """Its argument is called `input`, which graph copies and fusion rename to `input_1`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+
+    def forward(self, input):
+        out = self.fc(input * 2)  # eager saves input * 2, never input itself
+        input.add_(1.0)
+        return out
+
+
+def check_trains_like_eager(runnable, model):
+    x = torch.randn(2, 3)
+    x1, x2 = x.clone(), x.clone()
+    runnable(x1).sum().backward()
+    model(x2).sum().backward()
+    assert torch.equal(x1, x2)
+    got = dict(runnable.named_parameters())
+    for name, param in model.named_parameters():
+        assert_close(got[name].grad, param.grad, what=f"grad {name}")
+
+
+def test_mutated_input_named_input_trains_like_eager():
+    model = MutatesInput()
+    program = torch.export.export(model, (torch.randn(2, 3),))
+    check_trains_like_eager(nativert.to_backend(program).module(), model)
+
+
+def test_lowering_knows_a_mutated_input_that_fusion_renamed():
+    # Lowering a program straight from decomposition: fusing renames `input` to `input_1`,
+    # and the lowered module must still know that the program mutates it after the call.
+    from nativert.backend.lowering import lower_tagged_program
+    from nativert.passes import decompose_to_core_aten
+
+    model = MutatesInput()
+    program = decompose_to_core_aten(torch.export.export(model, (torch.randn(2, 3),))).program
+    assert "input" in program.graph_signature.user_inputs
+    result = nativert.CapabilityPartitioner().partition(program)
+    lowered = lower_tagged_program(result.tagged_program, result.tags)
+    (segment,) = nativert.lowered_modules(lowered)
+    assert segment.mutated_arg_indices == {2}
+    check_trains_like_eager(lowered.module(), model)
