@@ -54,9 +54,53 @@ class TrainBN(nn.Module):
         return self.fc(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
 
 
+class LSTMHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+class Embedder(nn.Module):
+    """int64 token ids -> embedding -> mean -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.embed(tokens).mean(dim=1))
+
+
+@torch.library.custom_op("nativert_test::shift", mutates_args=())
+def shift(x: torch.Tensor) -> torch.Tensor:
+    """A custom op no delegate knows: it must stay in PyTorch."""
+    return x + 0.5
+
+
+@shift.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class WithCustomOp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(shift(self.a(x))))
+
+
 def make(name: str):
     torch.manual_seed(0)
-    if name in ("mlp", "convnet"):
+    if name in ("mlp", "convnet", "transformer"):
         return build(name)
     if name == "counter":
         return Counter().eval(), (torch.randn(2, 4),)
@@ -64,4 +108,12 @@ def make(name: str):
         return MultiOutput().eval(), (torch.randn(3, 6), torch.randn(3, 6))
     if name == "split_by_sin":
         return SplitBySin().eval(), (torch.randn(5, 8),)
+    if name == "transformer":
+        return build("transformer")
+    if name == "lstm":
+        return LSTMHead().eval(), (torch.randn(3, 5, 8),)
+    if name == "embedding":
+        return Embedder().eval(), (torch.randint(0, 50, (3, 7)),)
+    if name == "custom_op":
+        return WithCustomOp().eval(), (torch.randn(4, 8),)
     raise KeyError(name)

@@ -203,13 +203,14 @@ def compile_segment(
     require_available(delegate)
     try:
         payload = delegate.preprocess(segment, list(spec.compile_specs))
-    except DelegateCompileError:
-        raise
     except Exception as exc:
         ops = sorted({str(n.target) for n in segment.graph.nodes if n.op == "call_function"})
+        detail = (
+            str(exc) if isinstance(exc, DelegateCompileError) else f"{type(exc).__name__}: {exc}"
+        )
         raise DelegateCompileError(
             f"delegate {spec.backend_id!r} failed to compile segment {tag!r} "
-            f"(ops: {', '.join(ops)}): {type(exc).__name__}: {exc}"
+            f"(ops: {', '.join(ops)}): {detail}"
         ) from exc
     return LoweredBackendModule(
         backend_id=spec.backend_id,

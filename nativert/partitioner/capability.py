@@ -81,7 +81,8 @@ class CapabilityPartitioner:
     """Tag every supported node for the highest-priority delegate that supports it.
 
     Args:
-        delegates: backend ids in priority order; default every available delegate.
+        delegates: backend ids in priority order; default every available delegate except
+            reference ones (eager), which are used only when nothing else is available.
         min_block_size: regions with fewer compute nodes stay in PyTorch.
         exclude_ops: ops ("aten::name" or OpOverload) that always stay in PyTorch.
         allow_single_node_ops: ops whose regions are kept even below min_block_size
@@ -115,7 +116,9 @@ class CapabilityPartitioner:
 
     def _resolve(self) -> list[Delegate]:
         if self.delegates is None:
-            return [get_delegate(b) for b in list_delegates(available_only=True)]
+            available = [get_delegate(b) for b in list_delegates(available_only=True)]
+            fast = [d for d in available if not getattr(d, "reference", False)]
+            return fast or available
         chosen = [get_delegate(b) for b in self.delegates]
         for delegate in chosen:
             require_available(delegate)

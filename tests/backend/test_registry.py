@@ -59,6 +59,6 @@ def test_unavailable_delegate_is_skipped_by_default_and_explained_when_asked(reg
     model, inputs = make("mlp")
     program = torch.export.export(model, inputs)
     delegated = nativert.to_backend(program)  # default: available delegates only
-    assert {m.backend_id for m in nativert.lowered_modules(delegated)} == {"eager"}
+    assert {m.backend_id for m in nativert.lowered_modules(delegated)} == {"onnxruntime"}
     with pytest.raises(nativert.DelegateUnavailableError, match="runtime library is not installed"):
         nativert.to_backend(program, nativert.CapabilityPartitioner(["never_here"]))

@@ -131,7 +131,9 @@ def test_exclude_ops_keeps_op_in_pytorch():
 
 def test_min_block_size_sends_small_regions_back():
     model, inputs = make("split_by_sin")
-    partitioner = nativert.CapabilityPartitioner(exclude_ops=["aten::relu"], min_block_size=3)
+    partitioner = nativert.CapabilityPartitioner(
+        ["eager"], exclude_ops=["aten::relu"], min_block_size=3
+    )
     delegated = lower(model, inputs, partitioner)
     # relu splits the graph: {permute, addmm} (2 compute nodes) and {sin, permute, addmm, add}.
     assert delegate_count(delegated) == 1
@@ -268,7 +270,7 @@ def test_lowering_knows_a_mutated_input_that_fusion_renamed():
     model = MutatesInput()
     program = decompose_to_core_aten(torch.export.export(model, (torch.randn(2, 3),))).program
     assert "input" in program.graph_signature.user_inputs
-    result = nativert.CapabilityPartitioner().partition(program)
+    result = nativert.CapabilityPartitioner(["eager"]).partition(program)
     lowered = lower_tagged_program(result.tagged_program, result.tags)
     (segment,) = nativert.lowered_modules(lowered)
     assert segment.mutated_arg_indices == {2}

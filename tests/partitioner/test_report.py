@@ -12,19 +12,23 @@ from tests.models import make
 from tests.partitioner.delegates import adds
 
 
-def compute_nodes_before_lowering(model, inputs, partitioner) -> int:
-    program = decompose_to_core_aten(torch.export.export(model, inputs)).program
-    program = run_passes(program, DEFAULT_PIPELINE).program
+def compute_nodes_before_lowering(model, inputs, backend_id) -> int:
+    preserve = nativert.get_delegate(backend_id).ops_to_preserve()
+    program = decompose_to_core_aten(torch.export.export(model, inputs), preserve=preserve)
+    program = run_passes(program.program, DEFAULT_PIPELINE).program
     return sum(1 for n in program.graph.nodes if n.op == "call_function")
 
 
+@pytest.mark.parametrize("backend_id", ["eager", "onnxruntime"])
 @pytest.mark.parametrize("name", ["mlp", "convnet", "split_by_sin", "multi_output"])
-def test_counts_add_up_and_every_kept_node_has_a_reason(name):
+def test_counts_add_up_and_every_kept_node_has_a_reason(name, backend_id):
     model, inputs = make(name)
-    partitioner = nativert.CapabilityPartitioner(exclude_ops=["aten::sin", "aten::tanh"])
+    partitioner = nativert.CapabilityPartitioner(
+        [backend_id], exclude_ops=["aten::sin", "aten::tanh"]
+    )
     program = nativert.to_backend(torch.export.export(model, inputs), partitioner)
     report = nativert.delegation_report(program)
-    assert report.total_nodes == compute_nodes_before_lowering(model, inputs, partitioner)
+    assert report.total_nodes == compute_nodes_before_lowering(model, inputs, backend_id)
     assert report.delegated_nodes == sum(r.num_nodes for r in report.regions)
     pytorch_ops = {op for op, by in report.ops.items() if by.get("pytorch")}
     assert pytorch_ops == set(report.reasons)

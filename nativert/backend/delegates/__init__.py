@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from nativert.backend.delegate import _REGISTRY, register_delegate
 from nativert.backend.delegates.eager import EagerDelegate, EagerExecutor
+from nativert.backend.delegates.onnxruntime import OnnxRuntimeDelegate
 
 
 def register_builtin_delegates() -> None:
-    for delegate in (EagerDelegate(),):
+    # Fastest first: the default partitioner prefers the first available delegate.
+    for delegate in (OnnxRuntimeDelegate(), EagerDelegate()):
         if delegate.backend_id not in _REGISTRY:
             register_delegate(delegate)
 
 
-__all__ = ["EagerDelegate", "EagerExecutor", "register_builtin_delegates"]
+__all__ = ["EagerDelegate", "EagerExecutor", "OnnxRuntimeDelegate", "register_builtin_delegates"]

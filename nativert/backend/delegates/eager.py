@@ -67,6 +67,9 @@ class EagerDelegate:
 
     backend_id = "eager"
     version = "1"
+    # A reference, not a fast path: default partitioning uses it only when no other delegate
+    # is available (delegating to it costs a call and speeds nothing up).
+    reference = True
 
     def is_available(self) -> Availability:
         return Availability(True)

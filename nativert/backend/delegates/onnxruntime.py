@@ -1,0 +1,286 @@
+"""The `onnxruntime` delegate: segments exported to ONNX and run by ONNX Runtime.
+
+Compile: the segment's ExportedProgram goes through `torch.onnx.export(..., dynamo=True)`.
+Dynamic dims stay symbolic, and weights become initializers named by their targets
+(`optimize=False` keeps them unfolded; ORT folds constants itself when it builds a session).
+The payload carries no weight data: those initializers are marked external, and every session
+gets the torch tensors through `SessionOptions.add_external_initializers`. So a lowered module
+never holds its weights twice, and the payload stays small and weight-free for saving. ORT may
+still keep optimized copies (pre-transposed or prepacked weights).
+
+Run: one InferenceSession per payload, run with `run_with_iobinding`. Inputs are bound by
+pointer (zero copy on CPU) and outputs are written into preallocated torch tensors. Output
+shapes for a given input signature come once from the reference graph (fake tensors) and are
+cached with the binding. Never numpy on the hot path, never `run_with_ort_values`.
+
+Weights: `process_weights` validates, then builds a staged session from the new tensors;
+`commit_weights` switches sessions atomically; calls in flight finish on the session they
+started with.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import re
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+from torch.fx import Node
+
+from nativert._program import placeholder_values, validate_weights, weight_names
+from nativert.backend.delegate import Availability, CompileSpec
+from nativert.backend.delegates import onnxruntime_support
+from nativert.errors import DelegateCallError, DelegateCompileError, WeightsError
+
+_NUMPY_DTYPES: dict[torch.dtype, str] = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.float16: "float16",
+    torch.int64: "int64",
+    torch.int32: "int32",
+    torch.bool: "bool",
+}
+
+
+_EXTERNAL_MARKER = "nativert:weights"  # initializers whose data comes from the weights
+
+
+def _strip_weights(proto: Any, names: set[str]) -> None:
+    """Drop the data of initializers that are segment weights; mark them external."""
+    import onnx
+
+    for init in proto.graph.initializer:
+        if init.name not in names:
+            continue
+        init.ClearField("raw_data")
+        for field in ("float_data", "int32_data", "int64_data", "double_data"):
+            init.ClearField(field)
+        del init.external_data[:]
+        init.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", _EXTERNAL_MARKER), ("offset", "0"), ("length", "0")):
+            entry = init.external_data.add()
+            entry.key, entry.value = key, value
+
+
+def _external_initializers(payload: bytes) -> tuple[str, ...]:
+    import onnx
+
+    model = onnx.load_from_string(payload)
+    return tuple(
+        init.name
+        for init in model.graph.initializer
+        if any(e.key == "location" and e.value == _EXTERNAL_MARKER for e in init.external_data)
+    )
+
+
+def _export_failure(exc: BaseException) -> str:
+    """The failing node and the root cause from torch.onnx's chain of ConversionErrors."""
+    node, chain = None, []
+    while exc is not None:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        found = re.match(r"Error when translating node %(\w+) : .*?target=([\w.:]+)", first)
+        if found:
+            node = f"node {found.group(1)!r} ({found.group(2)})"
+        chain.append(f"{type(exc).__name__}: {first}")
+        exc = exc.__cause__
+    where = f"cannot translate {node}: " if node else ""
+    return where + chain[-1]
+
+
+@functools.cache
+def _table():
+    return onnxruntime_support.build_table()
+
+
+def _options(compile_specs: Sequence[CompileSpec]) -> dict[str, Any]:
+    options = {spec.key: spec.value for spec in compile_specs}
+    unknown = sorted(set(options) - {"intra_op_num_threads"})
+    if unknown:
+        raise DelegateCompileError(
+            f"onnxruntime: unknown compile specs {unknown}; valid: ['intra_op_num_threads']"
+        )
+    return options
+
+
+class _Compiled:
+    """A session and what running it needs; replaced whole when weights change."""
+
+    def __init__(self, session: Any, keep_alive: tuple = ()) -> None:
+        self.session = session
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.keep_alive = keep_alive  # tensors backing add_initializer values
+        self.bindings: dict[tuple, Any] = {}  # input signature -> (binding, out shapes, lock)
+
+
+class OnnxRuntimeExecutor:
+    """Runs one ONNX payload; see the module docstring."""
+
+    def __init__(
+        self,
+        payload: bytes,
+        compile_specs: Sequence[CompileSpec],
+        reference: ExportedProgram,
+    ) -> None:
+        import onnxruntime as ort
+
+        self._ort = ort
+        self._payload = payload
+        options = _options(compile_specs)
+        self._threads = int(options.get("intra_op_num_threads", torch.get_num_threads()))
+        self._reference = reference
+        self.weight_names = weight_names(reference)
+        values = placeholder_values(reference)
+        self._expected = dict(zip(self.weight_names, values[: len(self.weight_names)], strict=True))
+        self._input_vals = values[len(self.weight_names) :]
+        self._external = _external_initializers(payload)
+        missing = sorted(set(self._external) - set(self.weight_names))
+        if missing:
+            raise DelegateCompileError(
+                f"onnxruntime payload expects weights {missing} that the segment does not have"
+            )
+        self._compiled: _Compiled | None = None if self._external else self._build({})
+        self._staged: _Compiled | None = None
+        self._stage_lock = threading.Lock()
+        self._shape_cache: dict[tuple, list[tuple[tuple[int, ...], torch.dtype]]] = {}
+
+    def _build(self, weights: Mapping[str, torch.Tensor]) -> _Compiled:
+        ort = self._ort
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self._threads
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Shared, not copied: ORT reads the torch tensors, which must outlive the session.
+        arrays = [weights[name].detach().contiguous().cpu() for name in self._external]
+        values = [ort.OrtValue.ortvalue_from_numpy(a.numpy()) for a in arrays]
+        if self._external:
+            so.add_external_initializers(list(self._external), values)
+        session = ort.InferenceSession(self._payload, so, providers=["CPUExecutionProvider"])
+        return _Compiled(session, (so, tuple(arrays), tuple(values)))
+
+    # -- weights ---------------------------------------------------------------------------
+    def init_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        self.process_weights(weights)
+        self.commit_weights()
+
+    def process_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        validate_weights(self._expected, weights, owner="delegate 'onnxruntime'")
+        staged = self._build(weights)
+        with self._stage_lock:
+            self._staged = staged
+
+    def commit_weights(self) -> None:
+        with self._stage_lock:
+            if self._staged is None:
+                raise WeightsError(
+                    "delegate 'onnxruntime': commit_weights() called with nothing staged; "
+                    "call process_weights(weights) first"
+                )
+            self._compiled, self._staged = self._staged, None
+
+    # -- running ---------------------------------------------------------------------------
+    def _output_specs(self, key: tuple) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        specs = self._shape_cache.get(key)
+        if specs is None:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            with FakeTensorMode():
+                weights = [torch.empty(v.shape, dtype=v.dtype) for v in self._expected.values()]
+                args = [
+                    torch.empty(shape, dtype=dtype) if isinstance(shape, tuple) else shape
+                    for shape, dtype in key
+                ]
+                outs = self._reference.graph_module(*weights, *args)
+            specs = [(tuple(int(d) for d in o.shape), o.dtype) for o in outs]
+            self._shape_cache[key] = specs
+        return specs
+
+    def run(self, inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+        compiled = self._compiled  # read once: a concurrent commit cannot tear this call
+        if compiled is None:
+            raise WeightsError(
+                f"delegate 'onnxruntime': run() before init_weights(); it needs "
+                f"{list(self.weight_names)}"
+            )
+        tensors = []
+        key = []
+        for i, value in enumerate(inputs):
+            if not isinstance(value, torch.Tensor):
+                key.append((value, None))
+                tensors.append(None)
+                continue
+            if value.device.type != "cpu":
+                raise DelegateCallError(
+                    f"onnxruntime delegate input {compiled.input_names[i]!r} is on "
+                    f"{value.device}, but this session runs on CPU; move inputs to CPU"
+                )
+            if value.dtype not in _NUMPY_DTYPES:
+                raise DelegateCallError(
+                    f"onnxruntime delegate input {compiled.input_names[i]!r} has dtype "
+                    f"{value.dtype}, which ONNX Runtime cannot take"
+                )
+            value = value.contiguous()
+            tensors.append(value)
+            key.append((tuple(value.shape), value.dtype))
+        key = tuple(key)
+        specs = self._output_specs(key)
+        entry = compiled.bindings.get(key)
+        if entry is None:
+            entry = (compiled.session.io_binding(), threading.Lock())
+            compiled.bindings[key] = entry
+        binding, lock = entry
+        outputs = tuple(torch.empty(shape, dtype=dtype) for shape, dtype in specs)
+        with lock:  # one binding per signature; concurrent callers of it take turns
+            for name, t in zip(compiled.input_names, tensors, strict=False):
+                if t is not None:
+                    binding.bind_input(
+                        name, "cpu", 0, _NUMPY_DTYPES[t.dtype], t.shape, t.data_ptr()
+                    )
+            for name, out in zip(compiled.output_names, outputs, strict=True):
+                binding.bind_output(
+                    name, "cpu", 0, _NUMPY_DTYPES[out.dtype], out.shape, out.data_ptr()
+                )
+            compiled.session.run_with_iobinding(binding)
+        return outputs
+
+
+class OnnxRuntimeDelegate:
+    backend_id = "onnxruntime"
+    version = "1"
+
+    def is_available(self) -> Availability:
+        missing = [
+            m for m in ("onnxruntime", "onnx", "onnxscript") if importlib.util.find_spec(m) is None
+        ]
+        if missing:
+            return Availability(False, f"missing Python packages: {', '.join(missing)}")
+        return Availability(True)
+
+    def check_support(self, node: Node) -> str | None:
+        return _table().check(node)
+
+    def ops_to_preserve(self) -> frozenset[torch._ops.OpOverload]:
+        return frozenset(onnxruntime_support.PRESERVED)
+
+    def preprocess(self, program: ExportedProgram, compile_specs: Sequence[CompileSpec]) -> bytes:
+        _options(compile_specs)
+        try:
+            onnx_program = torch.onnx.export(program, dynamo=True, optimize=False, verbose=False)
+        except Exception as exc:
+            raise DelegateCompileError(f"torch.onnx.export failed: {_export_failure(exc)}") from exc
+        proto = onnx_program.model_proto
+        _strip_weights(proto, set(weight_names(program)))
+        return proto.SerializeToString()
+
+    def load(
+        self,
+        payload: bytes,
+        compile_specs: Sequence[CompileSpec],
+        *,
+        reference: ExportedProgram,
+    ) -> OnnxRuntimeExecutor:
+        return OnnxRuntimeExecutor(payload, compile_specs, reference)
