@@ -13,6 +13,7 @@ is duplicated in memory and gradients reach every parameter. Mutations stay at t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,9 +43,10 @@ from nativert.backend.delegate import get_delegate, require_available
 from nativert.call_delegate import HOP_NAME, call_delegate
 from nativert.errors import DelegateCompileError, PartitionError
 from nativert.lowered import LoweredBackendModule
-from nativert.partitioner.base import TAG_KEY, DelegationSpec
+from nativert.partitioner.base import REASON_KEY, TAG_KEY, DelegationSpec
 
 _SEGMENT_PREFIX = "_nativert_segment_"
+logger = logging.getLogger("nativert")
 
 
 def _argument(node: Node) -> TensorArgument | SymIntArgument:
@@ -224,10 +226,39 @@ def compile_segment(
     )
 
 
+def _inline(gm: GraphModule, call_node: Node, sub_gm: GraphModule, outer_args, reason: str):
+    """Put a fused region's nodes back in place of its call_module node (kept in PyTorch)."""
+    env = dict(
+        zip([n for n in sub_gm.graph.nodes if n.op == "placeholder"], outer_args, strict=True)
+    )
+    with gm.graph.inserting_before(call_node):
+        for node in sub_gm.graph.nodes:
+            if node.op in ("placeholder", "output"):
+                continue
+            copy = gm.graph.node_copy(node, env.__getitem__)
+            copy.meta.pop(TAG_KEY, None)
+            copy.meta[REASON_KEY] = reason
+            env[node] = copy
+    outputs = sub_gm.graph.output_node().args[0]
+    for user in list(call_node.users):  # the getitems fusing created
+        user.replace_all_uses_with(env[outputs[user.args[1]]])
+        gm.graph.erase_node(user)
+    gm.graph.erase_node(call_node)
+    gm.delete_submodule(call_node.target)
+
+
 def lower_tagged_program(
-    program: ExportedProgram, tags: Mapping[str, DelegationSpec]
+    program: ExportedProgram,
+    tags: Mapping[str, DelegationSpec],
+    *,
+    strict: bool = False,
 ) -> ExportedProgram:
-    """Replace every tagged region of `program` (modified in place) by a delegate call."""
+    """Replace every tagged region of `program` (modified in place) by a delegate call.
+
+    A region whose delegate fails to compile stays in PyTorch, with the reason on its nodes
+    (so the delegation report shows it) and a warning logged; with `strict=True` the
+    DelegateCompileError is raised instead.
+    """
     regions = check_tags(program, tags)
     gm = program.graph_module
     # Fusing may rename placeholders (stable_topological_sort renames one called `input`).
@@ -260,13 +291,20 @@ def lower_tagged_program(
         segment, outer_args, mutated_idx, state_idx = _segment_program(
             program, sub_gm, call_node.args, call_node
         )
-        lowered = compile_segment(
-            segment,
-            tags[tag],
-            tag,
-            mutated_arg_indices=mutated_idx,
-            state_arg_indices=state_idx,
-        )
+        try:
+            lowered = compile_segment(
+                segment,
+                tags[tag],
+                tag,
+                mutated_arg_indices=mutated_idx,
+                state_arg_indices=state_idx,
+            )
+        except DelegateCompileError as exc:
+            if strict:
+                raise
+            logger.warning("%s; the region stays in PyTorch (strict=True raises instead)", exc)
+            _inline(gm, call_node, sub_gm, outer_args, f"{exc}; kept in PyTorch")
+            continue
         attr, n = f"lowered_{tag}", 0
         while hasattr(gm, attr):  # a program lowered again keeps its earlier delegates
             n += 1

@@ -24,6 +24,7 @@ def to_backend(
     partitioner: Partitioner | None = None,
     *,
     passes: Sequence[Pass | tuple[str, Pass]] | None = None,
+    strict: bool = False,
 ) -> ExportedProgram: ...
 
 
@@ -43,7 +44,9 @@ def to_backend(first: Any, second: Any = None, **kwargs: Any) -> Any:
     runs the pass pipeline (`passes=None`: nativert.passes.DEFAULT_PIPELINE; `[]`: none),
     partitions it (default: every node to the highest-priority available delegate that
     supports it) and returns an ExportedProgram whose regions run through `call_delegate`.
-    The program passed in is not modified. `to_backend("eager", ep)` lowers the whole program to
+    A region whose delegate fails to compile stays in PyTorch with a logged warning and the
+    reason in the delegation report; `strict=True` raises DelegateCompileError instead. The
+    program passed in is not modified. `to_backend("eager", ep)` lowers the whole program to
     one delegate and returns a LoweredBackendModule; calling it runs the program.
 
     Example::
@@ -99,6 +102,7 @@ def _lower_partitioned(
     partitioner: Partitioner | None = None,
     *,
     passes: Sequence[Pass | tuple[str, Pass]] | None = None,
+    strict: bool = False,
 ) -> ExportedProgram:
     if partitioner is None:
         partitioner = CapabilityPartitioner()
@@ -123,7 +127,7 @@ def _lower_partitioned(
             f"partitioner {type(partitioner).__name__} changed the program; partitioners may "
             "only set node.meta['delegation_tag'] on the program they are given"
         )
-    return lower_tagged_program(tagged, result.tags)
+    return lower_tagged_program(tagged, result.tags, strict=strict)
 
 
 def _lower_whole(

@@ -145,28 +145,46 @@ def test_inputs_of_every_kind():
     assert got[0].dim() == 0
 
 
-def test_export_failure_is_a_delegate_compile_error_naming_the_ops():
-    class ForceCustomOp:
-        def partition(self, program):
-            for node in program.graph.nodes:
-                if node.op == "call_function":
-                    node.meta[TAG_KEY] = "forced"
-            return PartitionResult(program, {"forced": DelegationSpec("onnxruntime")})
+class ForceEverythingToOrt:
+    """Tags every node for onnxruntime, including a custom op it cannot export."""
 
+    def partition(self, program):
+        for node in program.graph.nodes:
+            if node.op == "call_function":
+                node.meta[TAG_KEY] = "forced"
+        return PartitionResult(program, {"forced": DelegationSpec("onnxruntime")})
+
+
+def test_compile_failure_raises_when_strict_naming_segment_and_node():
     model, inputs = make("custom_op")
     with pytest.raises(
         nativert.DelegateCompileError,
         match=r"delegate 'onnxruntime' failed to compile segment 'forced'.*"
-        r"nativert_test.shift",
+        r"cannot translate node 'shift' \(nativert_test.shift.default\)",
     ):
-        nativert.to_backend(torch.export.export(model, inputs), ForceCustomOp())
+        nativert.to_backend(torch.export.export(model, inputs), ForceEverythingToOrt(), strict=True)
+
+
+def test_compile_failure_falls_back_to_pytorch_and_reports_it(caplog):
+    model, inputs = make("custom_op")
+    with caplog.at_level("WARNING", logger="nativert"):
+        program = nativert.to_backend(torch.export.export(model, inputs), ForceEverythingToOrt())
+    program.validate()
+    assert nativert.delegate_nodes(program) == []
+    (record,) = [r for r in caplog.records if r.name == "nativert"]
+    assert "failed to compile segment 'forced'" in record.getMessage()
+    report = nativert.delegation_report(program)
+    reasons = report.reasons["nativert_test.shift.default"]
+    assert any("cannot translate node 'shift'" in reason for reason in reasons)
+    with torch.no_grad():
+        assert_close(program.module()(*inputs), model(*inputs))
 
 
 def test_unknown_compile_spec_is_rejected():
     model, inputs = make("mlp")
     partitioner = nativert.AllNodePartitioner("onnxruntime", compile_specs={"threads": 2})
     with pytest.raises(nativert.DelegateCompileError, match=r"unknown compile specs \['threads'\]"):
-        nativert.to_backend(torch.export.export(model, inputs), partitioner)
+        nativert.to_backend(torch.export.export(model, inputs), partitioner, strict=True)
 
 
 def test_intra_op_threads_from_compile_specs():

@@ -77,6 +77,15 @@ def _external_initializers(payload: bytes) -> tuple[str, ...]:
     )
 
 
+_NONEMPTY = torch.empty(1)
+
+
+def _pointer(t: torch.Tensor) -> int:
+    """A valid data pointer: ORT rejects null, which empty tensors have (nothing is read or
+    written through it for zero elements)."""
+    return t.data_ptr() or _NONEMPTY.data_ptr()
+
+
 def _export_failure(exc: BaseException) -> str:
     """The failing node and the root cause from torch.onnx's chain of ConversionErrors."""
     node, chain = None, []
@@ -85,7 +94,7 @@ def _export_failure(exc: BaseException) -> str:
         first = text.splitlines()[0] if text else type(exc).__name__
         found = re.match(r"Error when translating node %(\w+) : .*?target=([\w.:]+)", first)
         if found:
-            node = f"node {found.group(1)!r} ({found.group(2)})"
+            node = f"node {found.group(1)!r} ({found.group(2).removeprefix('torch.ops.')})"
         chain.append(f"{type(exc).__name__}: {first}")
         exc = exc.__cause__
     where = f"cannot translate {node}: " if node else ""
@@ -237,12 +246,10 @@ class OnnxRuntimeExecutor:
         with lock:  # one binding per signature; concurrent callers of it take turns
             for name, t in zip(compiled.input_names, tensors, strict=False):
                 if t is not None:
-                    binding.bind_input(
-                        name, "cpu", 0, _NUMPY_DTYPES[t.dtype], t.shape, t.data_ptr()
-                    )
+                    binding.bind_input(name, "cpu", 0, _NUMPY_DTYPES[t.dtype], t.shape, _pointer(t))
             for name, out in zip(compiled.output_names, outputs, strict=True):
                 binding.bind_output(
-                    name, "cpu", 0, _NUMPY_DTYPES[out.dtype], out.shape, out.data_ptr()
+                    name, "cpu", 0, _NUMPY_DTYPES[out.dtype], out.shape, _pointer(out)
                 )
             compiled.session.run_with_iobinding(binding)
         return outputs
