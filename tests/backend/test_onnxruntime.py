@@ -199,6 +199,33 @@ def test_intra_op_threads_from_compile_specs():
         assert_close(program.module()(*inputs), model(*inputs))
 
 
+def test_concurrent_callers_get_their_own_results(mlp_executor):
+    import threading
+
+    model, _, executor = mlp_executor
+    inputs = [torch.randn(4, 32) for _ in range(4)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    errors = []
+
+    def worker(k):
+        try:
+            for _ in range(200):
+                got = executor.run([inputs[k]])[0]
+                if not torch.allclose(got, expected[k], atol=1e-5):
+                    errors.append(f"thread {k}: wrong result")
+                    return
+        except Exception as exc:  # reported below, with the thread that raised
+            errors.append(f"thread {k}: {exc!r}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_tensor_to_cpu_session_is_a_clear_error(mlp_executor):
     _, x, executor = mlp_executor

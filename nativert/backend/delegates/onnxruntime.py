@@ -9,9 +9,10 @@ never holds its weights twice, and the payload stays small and weight-free for s
 still keep optimized copies (pre-transposed or prepacked weights).
 
 Run: one InferenceSession per payload, run with `run_with_iobinding`. Inputs are bound by
-pointer (zero copy on CPU) and outputs are written into preallocated torch tensors. Output
-shapes for a given input signature come once from the reference graph (fake tensors) and are
-cached with the binding. Never numpy on the hot path, never `run_with_ort_values`.
+pointer (zero copy on CPU; re-bound only when the pointer changes) and outputs are written
+into preallocated torch tensors. Per input signature, a plan is computed once: validation,
+output shapes (from the reference graph on fake tensors) and an IOBinding, one per thread so
+concurrent callers never share one. Never numpy on the hot path, never `run_with_ort_values`.
 
 Weights: `process_weights` validates, then builds a staged session from the new tensors;
 `commit_weights` switches sessions atomically; calls in flight finish on the session they
@@ -77,13 +78,9 @@ def _external_initializers(payload: bytes) -> tuple[str, ...]:
     )
 
 
+# ORT rejects a null data pointer, which zero-element tensors have; nothing is read or
+# written through it for zero elements, so any valid pointer will do.
 _NONEMPTY = torch.empty(1)
-
-
-def _pointer(t: torch.Tensor) -> int:
-    """A valid data pointer: ORT rejects null, which empty tensors have (nothing is read or
-    written through it for zero elements)."""
-    return t.data_ptr() or _NONEMPTY.data_ptr()
 
 
 def _export_failure(exc: BaseException) -> str:
@@ -116,6 +113,16 @@ def _options(compile_specs: Sequence[CompileSpec]) -> dict[str, Any]:
     return options
 
 
+class _Plan:
+    """Everything a call with one input signature needs, computed once for it."""
+
+    def __init__(self, binding: Any, tensor_inputs: list, outputs: list) -> None:
+        self.binding = binding
+        self.tensor_inputs = tensor_inputs  # [(index, onnx input name, numpy dtype)]
+        self.outputs = outputs  # [(onnx output name, numpy dtype, shape, torch dtype)]
+        self.bound = [None] * len(tensor_inputs)  # data pointers bound last time
+
+
 class _Compiled:
     """A session and what running it needs; replaced whole when weights change."""
 
@@ -123,8 +130,16 @@ class _Compiled:
         self.session = session
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
-        self.keep_alive = keep_alive  # tensors backing add_initializer values
-        self.bindings: dict[tuple, Any] = {}  # input signature -> (binding, out shapes, lock)
+        self.keep_alive = keep_alive  # tensors backing the external initializers
+        # Plans (with their IOBinding) per thread: a session runs calls concurrently, but a
+        # binding must not be shared between them.
+        self.local = threading.local()
+
+    def plans(self) -> dict[tuple, _Plan]:
+        plans = getattr(self.local, "plans", None)
+        if plans is None:
+            plans = self.local.plans = {}
+        return plans
 
 
 class OnnxRuntimeExecutor:
@@ -208,6 +223,36 @@ class OnnxRuntimeExecutor:
             self._shape_cache[key] = specs
         return specs
 
+    def _plan(self, compiled: _Compiled, key: tuple, inputs: Sequence[Any]) -> _Plan:
+        tensor_inputs = []
+        shapes = []
+        for i, value in enumerate(inputs):
+            if not isinstance(value, torch.Tensor):
+                shapes.append((value, None))
+                continue
+            name = compiled.input_names[i]
+            if value.device.type != "cpu":
+                raise DelegateCallError(
+                    f"onnxruntime delegate input {name!r} is on {value.device}, but this "
+                    "session runs on CPU; move inputs to CPU"
+                )
+            if value.dtype not in _NUMPY_DTYPES:
+                raise DelegateCallError(
+                    f"onnxruntime delegate input {name!r} has dtype {value.dtype}, which ONNX "
+                    "Runtime cannot take"
+                )
+            tensor_inputs.append((i, name, _NUMPY_DTYPES[value.dtype]))
+            shapes.append((tuple(value.shape), value.dtype))
+        outputs = [
+            (name, _NUMPY_DTYPES[dtype], shape, dtype)
+            for name, (shape, dtype) in zip(
+                compiled.output_names, self._output_specs(tuple(shapes)), strict=True
+            )
+        ]
+        plan = _Plan(compiled.session.io_binding(), tensor_inputs, outputs)
+        compiled.plans()[key] = plan
+        return plan
+
     def run(self, inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
         compiled = self._compiled  # read once: a concurrent commit cannot tear this call
         if compiled is None:
@@ -215,43 +260,27 @@ class OnnxRuntimeExecutor:
                 f"delegate 'onnxruntime': run() before init_weights(); it needs "
                 f"{list(self.weight_names)}"
             )
-        tensors = []
-        key = []
-        for i, value in enumerate(inputs):
-            if not isinstance(value, torch.Tensor):
-                key.append((value, None))
-                tensors.append(None)
-                continue
-            if value.device.type != "cpu":
-                raise DelegateCallError(
-                    f"onnxruntime delegate input {compiled.input_names[i]!r} is on "
-                    f"{value.device}, but this session runs on CPU; move inputs to CPU"
-                )
-            if value.dtype not in _NUMPY_DTYPES:
-                raise DelegateCallError(
-                    f"onnxruntime delegate input {compiled.input_names[i]!r} has dtype "
-                    f"{value.dtype}, which ONNX Runtime cannot take"
-                )
-            value = value.contiguous()
-            tensors.append(value)
-            key.append((tuple(value.shape), value.dtype))
-        key = tuple(key)
-        specs = self._output_specs(key)
-        entry = compiled.bindings.get(key)
-        if entry is None:
-            entry = (compiled.session.io_binding(), threading.Lock())
-            compiled.bindings[key] = entry
-        binding, lock = entry
-        outputs = tuple(torch.empty(shape, dtype=dtype) for shape, dtype in specs)
-        with lock:  # one binding per signature; concurrent callers of it take turns
-            for name, t in zip(compiled.input_names, tensors, strict=False):
-                if t is not None:
-                    binding.bind_input(name, "cpu", 0, _NUMPY_DTYPES[t.dtype], t.shape, _pointer(t))
-            for name, out in zip(compiled.output_names, outputs, strict=True):
-                binding.bind_output(
-                    name, "cpu", 0, _NUMPY_DTYPES[out.dtype], out.shape, _pointer(out)
-                )
-            compiled.session.run_with_iobinding(binding)
+        key = tuple(
+            (v.shape, v.dtype, v.device) if isinstance(v, torch.Tensor) else v for v in inputs
+        )
+        plan = compiled.plans().get(key) or self._plan(compiled, key, inputs)
+        outputs = tuple(torch.empty(shape, dtype=dtype) for _, _, shape, dtype in plan.outputs)
+        binding, bound = plan.binding, plan.bound
+        keep = []  # contiguous copies must live until the run is over
+        for j, (i, name, np_dtype) in enumerate(plan.tensor_inputs):
+            t = inputs[i]
+            if not t.is_contiguous():
+                t = t.contiguous()
+                keep.append(t)
+            ptr = t.data_ptr() or _NONEMPTY.data_ptr()
+            if bound[j] != ptr:  # ORT reads through the pointer at run time
+                binding.bind_input(name, "cpu", 0, np_dtype, t.shape, ptr)
+                bound[j] = ptr
+        for (name, np_dtype, shape, _), out in zip(plan.outputs, outputs, strict=True):
+            binding.bind_output(
+                name, "cpu", 0, np_dtype, shape, out.data_ptr() or _NONEMPTY.data_ptr()
+            )
+        compiled.session.run_with_iobinding(binding)
         return outputs
 
 
