@@ -11,6 +11,7 @@ Third-party delegates register through `register_delegate` (or, later, an entry 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -18,7 +19,12 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
-from nativert.errors import DelegateUnavailableError, NativertError, UnknownDelegateError
+from nativert.errors import (
+    DelegateUnavailableError,
+    NativertError,
+    UnknownDelegateError,
+    WeightsError,
+)
 
 JSONValue = Any  # str | int | float | bool | None | list | dict of those
 
@@ -90,6 +96,49 @@ class Delegate(Protocol):
         *,
         reference: ExportedProgram,
     ) -> DelegateExecutor: ...
+
+
+class StagedWeights:
+    """The weight life cycle shared by executors: stage, then switch atomically.
+
+    Subclasses build their run state from weights in `process_weights` and hand it to
+    `_stage`; `commit_weights` makes it active; `run` reads it once with `_active_state()`,
+    so a concurrent commit never tears a call.
+    """
+
+    _name: str = "delegate"
+    weight_names: tuple[str, ...] = ()
+
+    def _init_state(self, active: Any = None) -> None:
+        self._active = active
+        self._staged: Any = None
+        self._stage_lock = threading.Lock()
+
+    def init_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        self.process_weights(weights)  # type: ignore[attr-defined]
+        self.commit_weights()
+
+    def _stage(self, state: Any) -> None:
+        with self._stage_lock:
+            self._staged = state
+
+    def commit_weights(self) -> None:
+        with self._stage_lock:
+            if self._staged is None:
+                raise WeightsError(
+                    f"delegate {self._name!r}: commit_weights() called with nothing staged; "
+                    "call process_weights(weights) first"
+                )
+            self._active, self._staged = self._staged, None
+
+    def _active_state(self) -> Any:
+        state = self._active
+        if state is None:
+            raise WeightsError(
+                f"delegate {self._name!r}: run() before init_weights(); it needs "
+                f"{list(self.weight_names)}"
+            )
+        return state
 
 
 # Registry: an explicit dict, filled by register_delegate calls (the built-in ones in

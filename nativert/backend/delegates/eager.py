@@ -6,7 +6,6 @@ Its payload is empty: the segment's weight-free reference program is the whole p
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,11 +14,10 @@ from torch.export import ExportedProgram
 from torch.fx import Node
 
 from nativert._program import placeholder_values, unalias_outputs, validate_weights, weight_names
-from nativert.backend.delegate import Availability, CompileSpec
-from nativert.errors import WeightsError
+from nativert.backend.delegate import Availability, CompileSpec, StagedWeights
 
 
-class EagerExecutor:
+class EagerExecutor(StagedWeights):
     """Runs the reference graph with the committed weights."""
 
     def __init__(self, reference: ExportedProgram, *, name: str = "eager") -> None:
@@ -28,37 +26,15 @@ class EagerExecutor:
         self.weight_names = weight_names(reference)
         values = placeholder_values(reference)
         self._expected = dict(zip(self.weight_names, values[: len(self.weight_names)], strict=True))
-        self._weights: tuple[torch.Tensor, ...] | None = None if self.weight_names else ()
-        self._staged: tuple[torch.Tensor, ...] | None = None
-        self._stage_lock = threading.Lock()
-
-    def init_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        self.process_weights(weights)
-        self.commit_weights()
+        self._init_state(active=None if self.weight_names else ())
 
     def process_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         validate_weights(self._expected, weights, owner=f"delegate {self._name!r}")
-        with self._stage_lock:
-            # Shared, not copied: the reference graph reads the caller's tensors.
-            self._staged = tuple(weights[name] for name in self.weight_names)
-
-    def commit_weights(self) -> None:
-        with self._stage_lock:
-            if self._staged is None:
-                raise WeightsError(
-                    f"delegate {self._name!r}: commit_weights() called with nothing staged; "
-                    "call process_weights(weights) first"
-                )
-            self._weights, self._staged = self._staged, None
+        # Shared, not copied: the reference graph reads the caller's tensors.
+        self._stage(tuple(weights[name] for name in self.weight_names))
 
     def run(self, inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
-        weights = self._weights  # read once: a concurrent commit cannot tear this call
-        if weights is None:
-            raise WeightsError(
-                f"delegate {self._name!r}: run() before init_weights(); it needs "
-                f"{list(self.weight_names)}"
-            )
-        flat = (*weights, *inputs)
+        flat = (*self._active_state(), *inputs)
         return unalias_outputs(self._graph_module(*flat), flat)
 
 

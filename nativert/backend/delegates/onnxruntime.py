@@ -33,9 +33,9 @@ from torch.export import ExportedProgram
 from torch.fx import Node
 
 from nativert._program import placeholder_values, validate_weights, weight_names
-from nativert.backend.delegate import Availability, CompileSpec
+from nativert.backend.delegate import Availability, CompileSpec, StagedWeights
 from nativert.backend.delegates import onnxruntime_support
-from nativert.errors import DelegateCallError, DelegateCompileError, WeightsError
+from nativert.errors import DelegateCallError, DelegateCompileError
 
 _NUMPY_DTYPES: dict[torch.dtype, str] = {
     torch.float32: "float32",
@@ -142,7 +142,7 @@ class _Compiled:
         return plans
 
 
-class OnnxRuntimeExecutor:
+class OnnxRuntimeExecutor(StagedWeights):
     """Runs one ONNX payload; see the module docstring."""
 
     def __init__(
@@ -168,9 +168,8 @@ class OnnxRuntimeExecutor:
             raise DelegateCompileError(
                 f"onnxruntime payload expects weights {missing} that the segment does not have"
             )
-        self._compiled: _Compiled | None = None if self._external else self._build({})
-        self._staged: _Compiled | None = None
-        self._stage_lock = threading.Lock()
+        self._name = "onnxruntime"
+        self._init_state(active=None if self._external else self._build({}))
         self._shape_cache: dict[tuple, list[tuple[tuple[int, ...], torch.dtype]]] = {}
 
     def _build(self, weights: Mapping[str, torch.Tensor]) -> _Compiled:
@@ -187,24 +186,9 @@ class OnnxRuntimeExecutor:
         return _Compiled(session, (so, tuple(arrays), tuple(values)))
 
     # -- weights ---------------------------------------------------------------------------
-    def init_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        self.process_weights(weights)
-        self.commit_weights()
-
     def process_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         validate_weights(self._expected, weights, owner="delegate 'onnxruntime'")
-        staged = self._build(weights)
-        with self._stage_lock:
-            self._staged = staged
-
-    def commit_weights(self) -> None:
-        with self._stage_lock:
-            if self._staged is None:
-                raise WeightsError(
-                    "delegate 'onnxruntime': commit_weights() called with nothing staged; "
-                    "call process_weights(weights) first"
-                )
-            self._compiled, self._staged = self._staged, None
+        self._stage(self._build(weights))
 
     # -- running ---------------------------------------------------------------------------
     def _output_specs(self, key: tuple) -> list[tuple[tuple[int, ...], torch.dtype]]:
@@ -254,12 +238,7 @@ class OnnxRuntimeExecutor:
         return plan
 
     def run(self, inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
-        compiled = self._compiled  # read once: a concurrent commit cannot tear this call
-        if compiled is None:
-            raise WeightsError(
-                f"delegate 'onnxruntime': run() before init_weights(); it needs "
-                f"{list(self.weight_names)}"
-            )
+        compiled: _Compiled = self._active_state()  # read once: commits cannot tear a call
         key = tuple(
             (v.shape, v.dtype, v.device) if isinstance(v, torch.Tensor) else v for v in inputs
         )
