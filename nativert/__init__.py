@@ -17,6 +17,7 @@ from nativert.backend.delegate import (
     unregister_delegate,
 )
 from nativert.backend.delegates import register_builtin_delegates as _register_builtins
+from nativert.backend.executor import Executor
 from nativert.backend.to_backend import to_backend
 from nativert.call_delegate import call_delegate, delegate_nodes, lowered_modules
 from nativert.errors import (
@@ -58,6 +59,7 @@ __all__ = [
     "DelegateUnavailableError",
     "DelegationReport",
     "DelegationSpec",
+    "Executor",
     "LoweredBackendModule",
     "LoweringError",
     "NativertError",

@@ -131,6 +131,11 @@ class StagedWeights:
                 )
             self._active, self._staged = self._staged, None
 
+    def discard_weights(self) -> None:
+        """Drop staged weights without committing them."""
+        with self._stage_lock:
+            self._staged = None
+
     def _active_state(self) -> Any:
         state = self._active
         if state is None:
@@ -139,6 +144,13 @@ class StagedWeights:
                 f"{list(self.weight_names)}"
             )
         return state
+
+    def active_state(self) -> Any:
+        """The committed state; pass it to `run_with` to run on exactly that snapshot."""
+        return self._active_state()
+
+    def run(self, inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+        return self.run_with(self._active_state(), inputs)
 
 
 # Registry: an explicit dict, filled by register_delegate calls (the built-in ones in

@@ -33,8 +33,8 @@ class EagerExecutor(StagedWeights):
         # Shared, not copied: the reference graph reads the caller's tensors.
         self._stage(tuple(weights[name] for name in self.weight_names))
 
-    def run(self, inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
-        flat = (*self._active_state(), *inputs)
+    def run_with(self, weights: tuple, inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+        flat = (*weights, *inputs)
         return unalias_outputs(self._graph_module(*flat), flat)
 
 

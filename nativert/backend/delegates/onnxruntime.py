@@ -237,17 +237,18 @@ class OnnxRuntimeExecutor(StagedWeights):
         compiled.plans()[key] = plan
         return plan
 
-    def run(self, inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
-        compiled: _Compiled = self._active_state()  # read once: commits cannot tear a call
-        key = tuple(
-            (v.shape, v.dtype, v.device) if isinstance(v, torch.Tensor) else v for v in inputs
-        )
+    def run_with(self, compiled: _Compiled, inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+        # Device is not in the key (building it per call is slow): the input loop below
+        # refuses non-CPU tensors before binding.
+        key = tuple((v.shape, v.dtype) if isinstance(v, torch.Tensor) else v for v in inputs)
         plan = compiled.plans().get(key) or self._plan(compiled, key, inputs)
         outputs = tuple(torch.empty(shape, dtype=dtype) for _, _, shape, dtype in plan.outputs)
         binding, bound = plan.binding, plan.bound
         keep = []  # contiguous copies must live until the run is over
         for j, (i, name, np_dtype) in enumerate(plan.tensor_inputs):
             t = inputs[i]
+            if not t.is_cpu:
+                self._plan(compiled, key, inputs)  # raises the error naming the input
             if not t.is_contiguous():
                 t = t.contiguous()
                 keep.append(t)

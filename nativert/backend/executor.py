@@ -1,0 +1,278 @@
+"""Executor: run a program with delegates fast, from many threads, with hot weight swaps.
+
+Prepared once: the program's graph is copied and every `call_delegate` node becomes a call of
+a small runner that hands the segment's inputs straight to its DelegateExecutor: no op
+dispatch, no `.module()` wrapper, just FX's generated straight-line Python.
+
+Weights live in one immutable *generation*: the top-level weight tensors plus each
+delegate's committed state. A call reads the generation once and runs entirely on it;
+`update_weights` stages every delegate, then publishes a new generation with one assignment.
+So a call sees all old or all new weights, and traffic never stops.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx import GraphModule, Node
+
+from nativert._program import WEIGHT_KINDS, weight_tensor
+from nativert.backend.delegate import StagedWeights
+from nativert.backend.weights import InputSpecs, validate_update
+from nativert.call_delegate import call_delegate
+from nativert.errors import NativertError
+
+
+@dataclasses.dataclass(frozen=True)
+class _Generation:
+    weights: tuple[torch.Tensor, ...]  # every weight placeholder's tensor, in order
+    states: tuple[Any, ...]  # each delegate's committed state, in delegate order
+
+
+class _DelegateRunner:
+    """Stands in for one call_delegate node: runs its executor on the call's snapshot."""
+
+    def __init__(self, index: int, lowered: Any) -> None:
+        self.index = index
+        self.lowered = lowered
+        self.executor = lowered.executor
+        self.skip = lowered._num_weights  # owned weights live in the executor
+        self.__name__ = f"delegate_{lowered.module_name}"  # FX codegen names the call by it
+
+    def __call__(self, states: tuple, *args: Any) -> tuple[torch.Tensor, ...]:
+        return self.executor.run_with(states[self.index], args[self.skip :])
+
+
+@dataclasses.dataclass
+class ProfileRow:
+    node: str
+    target: str
+    delegate: str | None
+    median_us: float
+
+
+class ProfileTable(list):
+    def __str__(self) -> str:
+        total = sum(r.median_us for r in self) or 1.0
+        lines = [f"{'node':<40} {'target':<44} {'median us':>10} {'share':>7}"]
+        for r in sorted(self, key=lambda r: -r.median_us):
+            target = r.target if r.delegate is None else f"delegate {r.delegate!r}"
+            lines.append(
+                f"{r.node:<40} {target:<44} {r.median_us:>10.1f} {100 * r.median_us / total:>6.1f}%"
+            )
+        return "\n".join(lines)
+
+
+class Executor:
+    """Runs `program` (an ExportedProgram with or without delegates); see the module docstring.
+
+    `Executor(program)(*args, **kwargs)` takes what `program.module()` takes and returns the
+    same outputs. `num_frames` bounds how many calls run at once (default: 2 x CPU count);
+    callers beyond it wait for a free frame.
+    """
+
+    def __init__(self, program: ExportedProgram, *, num_frames: int | None = None) -> None:
+        if not isinstance(program, ExportedProgram):
+            raise TypeError(f"Executor needs an ExportedProgram, got {type(program).__name__}")
+        import os
+
+        self.program = program
+        sig = program.graph_signature
+        self._weight_names = tuple(s.target for s in sig.input_specs if s.kind in WEIGHT_KINDS)
+        others = [s for s in sig.input_specs if s.kind not in (*WEIGHT_KINDS, InputKind.USER_INPUT)]
+        if others:
+            raise NativertError(
+                f"Executor cannot run inputs of kind {others[0].kind.name} ({others[0].arg.name})"
+            )
+        self._inputs = InputSpecs(program)
+        self._gm, self._runners = self._prepare(program)
+        self._out_spec = program.call_spec.out_spec
+        outputs = sig.output_specs
+        names = list(self._weight_names)
+        self._buffer_mutations = tuple(
+            (i, names.index(s.target))
+            for i, s in enumerate(outputs)
+            if s.kind == OutputKind.BUFFER_MUTATION
+        )
+        user_inputs = [s.arg.name for s in sig.input_specs if s.kind == InputKind.USER_INPUT]
+        self._input_mutations = tuple(
+            (i, user_inputs.index(s.target))
+            for i, s in enumerate(outputs)
+            if s.kind == OutputKind.USER_INPUT_MUTATION
+        )
+        self._user_outputs = tuple(
+            i for i, s in enumerate(outputs) if s.kind == OutputKind.USER_OUTPUT
+        )
+        self._gen = _Generation(
+            tuple(weight_tensor(program, n) for n in self._weight_names),
+            tuple(self._bind(r) for r in self._runners),
+        )
+        # The generated code itself: nn.Module.__call__ adds hook handling we do not need.
+        self._forward = self._gm.forward
+        self._pack = self._make_pack()
+        self._update_lock = threading.Lock()
+        self._max_frames = num_frames or 2 * (os.cpu_count() or 1)
+        if self._max_frames < 1:
+            raise NativertError(f"num_frames must be >= 1, got {num_frames}")
+        self._frames = threading.BoundedSemaphore(self._max_frames)
+        self._frames_lock = threading.Lock()
+        self._busy = 0
+        self._peak = 0
+
+    # -- preparation -----------------------------------------------------------------------
+    def _prepare(self, program: ExportedProgram) -> tuple[GraphModule, list[_DelegateRunner]]:
+        gm = copy.deepcopy(program.graph_module)
+        graph = gm.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        with graph.inserting_after(placeholders[-1] if placeholders else None):
+            states = graph.placeholder("nativert_delegate_states")
+        runners = []
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target is not call_delegate:
+                continue
+            lowered = getattr(gm, node.args[0].target)
+            runner = _DelegateRunner(len(runners), lowered)
+            runners.append(runner)
+            with graph.inserting_before(node):
+                direct = graph.call_function(runner, (states, *node.args[1:]))
+            direct.meta = dict(node.meta)
+            node.replace_all_uses_with(direct)
+            graph.erase_node(node)
+        graph.eliminate_dead_code()  # the get_attr nodes of the lowered modules
+        gm.recompile()
+        return gm, runners
+
+    @staticmethod
+    def _bind(runner: _DelegateRunner) -> Any:
+        """Give a delegate its weights (from the program) and return its committed state."""
+        lowered = runner.lowered
+        runtime = lowered._runtime
+        names = runtime.weight_names
+        runtime.bind([weight_tensor(lowered.original_module, n) for n in names])
+        executor = runner.executor
+        if not isinstance(executor, StagedWeights):
+            raise NativertError(
+                f"delegate {lowered.backend_id!r}: its executor has no active_state()/run_with(); "
+                "derive it from nativert.backend.delegate.StagedWeights to run in an Executor"
+            )
+        return executor.active_state()
+
+    # -- running ---------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        flat = self._inputs.flatten(args, kwargs)
+        gen = self._gen  # one snapshot for the whole call
+        self._frames.acquire()
+        try:
+            with self._frames_lock:
+                self._busy += 1
+                if self._busy > self._peak:
+                    self._peak = self._busy
+            outputs = self._forward(*gen.weights, *flat, gen.states)
+        finally:
+            with self._frames_lock:
+                self._busy -= 1
+            self._frames.release()
+        if self._buffer_mutations or self._input_mutations:
+            with torch.no_grad():
+                for i, j in self._buffer_mutations:
+                    gen.weights[j].copy_(outputs[i])
+                for i, j in self._input_mutations:
+                    flat[j].copy_(outputs[i])
+        return self._pack(outputs)
+
+    def _make_pack(self):
+        """Outputs -> the user's structure; plain tuples and single tensors skip pytree."""
+        picks, spec = self._user_outputs, self._out_spec
+        if spec is not None and spec.is_leaf() and len(picks) == 1:
+            (i,) = picks
+            return lambda outputs: outputs[i]
+        flat_tuple = pytree.tree_flatten(tuple(range(len(picks))))[1]
+        if spec == flat_tuple:
+            return lambda outputs: tuple(outputs[i] for i in picks)
+        return lambda outputs: pytree.tree_unflatten([outputs[i] for i in picks], spec)
+
+    @property
+    def num_frames(self) -> int:
+        """Frames the pool has grown to (the most calls that ran at once), up to the bound."""
+        return self._peak
+
+    @property
+    def max_frames(self) -> int:
+        return self._max_frames
+
+    # -- weights ---------------------------------------------------------------------------
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The current weights, by name (the tensors in use, not copies)."""
+        return dict(zip(self._weight_names, self._gen.weights, strict=True))
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True):
+        """Swap in new weights for the program and every delegate, all at once.
+
+        Validates names, shapes and dtypes, stages every affected delegate
+        (`process_weights`), and only if all succeed commits them and publishes the new
+        generation. Any failure commits nothing and raises. Calls in flight finish on the
+        weights they started with. With `strict=False`, names not given keep their weights.
+        Returns the (missing, unexpected) names, like `load_state_dict`.
+        """
+        with self._update_lock:
+            current = self.weights()
+            missing, unexpected = validate_update(current, state_dict, strict=strict)
+            new = {**current, **{k: v for k, v in state_dict.items() if k in current}}
+            staged = []
+            try:
+                for runner in self._runners:
+                    names = runner.lowered._runtime.weight_names
+                    if any(n in state_dict for n in names):
+                        runner.executor.process_weights({n: new[n] for n in names})
+                        staged.append(runner)
+            except Exception:
+                for runner in staged:
+                    runner.executor.discard_weights()
+                raise
+            for runner in staged:
+                runner.executor.commit_weights()
+            self._gen = _Generation(
+                tuple(new[n] for n in self._weight_names),
+                tuple(r.executor.active_state() for r in self._runners),
+            )
+            return missing, unexpected
+
+    # -- profiling -------------------------------------------------------------------------
+    def profile(self, *args: Any, warmup: int = 3, runs: int = 20, **kwargs: Any) -> ProfileTable:
+        """Median time per node (and per delegate call) over `runs` calls, after `warmup`."""
+        flat = self._inputs.flatten(args, kwargs)
+        gen = self._gen
+        samples: dict[Node, list[float]] = {}
+
+        class Timed(torch.fx.Interpreter):
+            def run_node(self, n: Node) -> Any:
+                start = time.perf_counter()
+                result = super().run_node(n)
+                if n.op == "call_function":
+                    samples.setdefault(n, []).append(time.perf_counter() - start)
+                return result
+
+        with torch.no_grad():
+            for i in range(warmup + runs):
+                if i == warmup:
+                    samples.clear()
+                Timed(self._gm).run(*gen.weights, *flat, gen.states)
+        table = ProfileTable()
+        for node, times in samples.items():
+            times.sort()
+            delegate = (
+                node.target.lowered.backend_id if isinstance(node.target, _DelegateRunner) else None
+            )
+            table.append(
+                ProfileRow(node.name, str(node.target), delegate, times[len(times) // 2] * 1e6)
+            )
+        return table
