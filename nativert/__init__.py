@@ -18,6 +18,7 @@ from nativert.backend.delegate import (
 )
 from nativert.backend.delegates import register_builtin_delegates as _register_builtins
 from nativert.backend.executor import Executor
+from nativert.backend.package import PackageError, load, save
 from nativert.backend.to_backend import to_backend
 from nativert.call_delegate import call_delegate, delegate_nodes, lowered_modules
 from nativert.errors import (
@@ -66,6 +67,7 @@ __all__ = [
     "PartitionError",
     "PartitionResult",
     "Partitioner",
+    "PackageError",
     "PassResult",
     "SupportTable",
     "UnknownDelegateError",
@@ -75,8 +77,10 @@ __all__ = [
     "delegation_report",
     "get_delegate",
     "list_delegates",
+    "load",
     "lowered_modules",
     "register_delegate",
+    "save",
     "to_backend",
     "unregister_delegate",
 ]

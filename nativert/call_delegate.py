@@ -51,6 +51,12 @@ call_delegate = CallDelegate()
 def _check_lowered(lowered_module: Any) -> None:
     from nativert.lowered import LoweredBackendModule
 
+    if isinstance(lowered_module, str):
+        raise DelegateCallError(
+            f"this program calls delegate {lowered_module!r} by name only: it was loaded by "
+            "torch.export.load, which does not keep delegates. Save with nativert.save and "
+            "load with nativert.load"
+        )
     if not isinstance(lowered_module, LoweredBackendModule):
         raise DelegateCallError(
             "call_delegate's first argument must be a nativert LoweredBackendModule, got "

@@ -1,0 +1,353 @@
+"""`nativert.save` / `nativert.load`: delegated programs in torch's .pt2 archive format.
+
+The archive holds:
+- the top-level program (`models/model.json`, with its weights as raw tensor bytes);
+- for every lowered module, its weight-free reference program (`models/nativert_segment_N`;
+  its weights are the top-level ones, named by target);
+- its payload bytes (`data/executorch/nativert/N.bin`);
+- `extra/nativert/manifest.json`: a versioned JSON header with each delegate's backend id,
+  delegate version, compile specs, weight inputs and input/output names, and the partition
+  reasons for the delegation report.
+
+Loading never unpickles. torch's own loaders unpickle in three places: weights or constants
+marked `use_pickle`, custom objects, and sample inputs (torch.load falls back to
+weights_only=False). `load` reads the archive itself, refuses the first two, and never reads
+the third.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch.export import ExportedProgram
+from torch.export.exported_program import ModuleCallEntry, ModuleCallSignature
+from torch.export.graph_signature import (
+    ExportGraphSignature,
+    InputKind,
+    InputSpec,
+    OutputKind,
+    OutputSpec,
+    SymIntArgument,
+    TensorArgument,
+)
+
+from nativert._program import WEIGHT_KINDS, rebuild_program
+from nativert.backend.delegate import CompileSpec, get_delegate
+from nativert.call_delegate import delegate_nodes, lowered_modules
+from nativert.errors import NativertError, UnknownDelegateError
+from nativert.lowered import DelegateRuntime, LoweredBackendModule
+from nativert.partitioner.base import REASON_KEY
+
+FORMAT_VERSION = 1
+MANIFEST = "nativert/manifest.json"
+TOP = "model"
+
+
+class PackageError(NativertError):
+    """A .pt2 file that nativert cannot load: names the file and what is wrong."""
+
+
+# -- save ---------------------------------------------------------------------------------
+def _argument(node: torch.fx.Node) -> TensorArgument | SymIntArgument:
+    if isinstance(node.meta.get("val"), torch.SymInt):
+        return SymIntArgument(name=node.name)
+    return TensorArgument(name=node.name)
+
+
+def _program_with_inputs(
+    segment: ExportedProgram, weights: list[dict], state: dict[str, Any]
+) -> ExportedProgram:
+    """The segment with its first len(weights) placeholders as weights (from `state`) and the
+    rest user inputs; `weights=[]` gives the weight-free form that is saved."""
+    gm = copy.deepcopy(segment.graph_module)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    specs, state_dict, constants = [], {}, {}
+    for i, node in enumerate(placeholders):
+        if i < len(weights):
+            w = weights[i]
+            kind = InputKind[w["kind"]]
+            specs.append(
+                InputSpec(kind, TensorArgument(name=node.name), w["target"], w.get("persistent"))
+            )
+            persistent = kind == InputKind.PARAMETER or (
+                kind == InputKind.BUFFER and w.get("persistent")
+            )
+            (state_dict if persistent else constants)[w["target"]] = state[w["target"]]
+        else:
+            specs.append(InputSpec(InputKind.USER_INPUT, _argument(node), None))
+    outputs = list(gm.graph.output_node().args[0])
+    user = placeholders[len(weights) :]
+    in_spec = pytree.tree_flatten((tuple(n.meta.get("val") for n in user), {}))[1]
+    out_spec = pytree.tree_flatten(tuple(n.meta.get("val") for n in outputs))[1]
+    signature = ModuleCallSignature(
+        inputs=[_argument(n) for n in user],
+        outputs=[_argument(n) for n in outputs],
+        in_spec=in_spec,
+        out_spec=out_spec,
+    )
+    return ExportedProgram(
+        root=gm,
+        graph=gm.graph,
+        graph_signature=ExportGraphSignature(
+            specs, [OutputSpec(OutputKind.USER_OUTPUT, _argument(n), None) for n in outputs]
+        ),
+        state_dict=state_dict,
+        range_constraints=dict(segment.range_constraints),
+        module_call_graph=[ModuleCallEntry("", signature)],
+        constants=constants,
+        verifiers=segment.verifiers,
+    )
+
+
+def save(program: ExportedProgram, path: str | os.PathLike) -> None:
+    """Write `program` (with or without delegates) to a .pt2 archive at `path`."""
+    from torch.export.pt2_archive._package import package_pt2
+
+    if not isinstance(program, ExportedProgram):
+        raise TypeError(f"save needs an ExportedProgram, got {type(program).__name__}")
+    segments, payloads, entries = {}, {}, []
+    for i, lowered in enumerate(lowered_modules(program)):
+        segment = lowered.original_module
+        weights = [
+            {"kind": s.kind.name, "target": s.target, "persistent": s.persistent}
+            for s in segment.graph_signature.input_specs
+            if s.kind in WEIGHT_KINDS
+        ]
+        segments[f"nativert_segment_{i}"] = _program_with_inputs(segment, [], {})
+        payloads[f"nativert/{i}.bin"] = lowered.processed_bytes
+        delegate = get_delegate(lowered.backend_id) if lowered.backend_id in _known() else None
+        entries.append(
+            {
+                "module_name": lowered.module_name,
+                "backend_id": lowered.backend_id,
+                "delegate_version": getattr(delegate, "version", "unknown"),
+                "compile_specs": [[s.key, s.value] for s in lowered.compile_specs],
+                "program": f"nativert_segment_{i}",
+                "payload": f"nativert/{i}.bin",
+                "weights": weights,
+                "inputs": list(segment.graph_signature.user_inputs),
+                "outputs": list(segment.graph_signature.user_outputs),
+                "mutated_arg_indices": sorted(lowered.mutated_arg_indices),
+                "nondifferentiable_outputs": sorted(lowered.nondifferentiable_outputs),
+            }
+        )
+    manifest = {
+        "format": "nativert",
+        "format_version": FORMAT_VERSION,
+        "torch_version": torch.__version__,
+        "delegates": entries,
+        "reasons": {
+            n.name: n.meta[REASON_KEY] for n in program.graph.nodes if REASON_KEY in n.meta
+        },
+    }
+    package_pt2(
+        os.fspath(path),
+        exported_programs={TOP: program, **segments},
+        extra_files={MANIFEST: json.dumps(manifest, indent=1)},
+        executorch_files=payloads,
+    )
+
+
+def _known() -> set[str]:
+    from nativert.backend.delegate import list_delegates
+
+    return set(list_delegates())
+
+
+# -- load ---------------------------------------------------------------------------------
+def _refuse_pickles(reader: Any, name: str, path: str) -> None:
+    from torch.export.pt2_archive import _package as pt2
+    from torch.export.pt2_archive.constants import (
+        CONSTANTS_CONFIG_FILENAME_FORMAT,
+        CONSTANTS_DIR,
+        TENSOR_CONSTANT_FILENAME_PREFIX,
+        WEIGHTS_CONFIG_FILENAME_FORMAT,
+        WEIGHTS_DIR,
+    )
+
+    files = set(reader.get_file_names())
+    for legacy in (f"{WEIGHTS_DIR}{name}.pt", f"{CONSTANTS_DIR}{name}.pt"):
+        if legacy in files:
+            raise PackageError(f"{path}: {legacy} is a pickle; refusing to load it")
+    for fmt, what in (
+        (WEIGHTS_CONFIG_FILENAME_FORMAT, "weight"),
+        (CONSTANTS_CONFIG_FILENAME_FORMAT, "constant"),
+    ):
+        config_file = fmt.format(name)
+        if config_file not in files:
+            raise PackageError(f"{path}: {config_file} is missing")
+        config = pt2._load_payload_config(reader, config_file)
+        for fqn, meta in config.config.items():
+            if meta.use_pickle:
+                raise PackageError(
+                    f"{path}: {what} {fqn!r} of {name!r} is stored as a pickle; nativert "
+                    "never unpickles, so it refuses this file"
+                )
+            if what == "constant" and not meta.path_name.startswith(
+                TENSOR_CONSTANT_FILENAME_PREFIX
+            ):
+                raise PackageError(
+                    f"{path}: constant {fqn!r} of {name!r} is a custom object; nativert "
+                    "cannot load those without unpickling"
+                )
+
+
+def _read_program(reader: Any, name: str, path: str) -> ExportedProgram:
+    from torch._export.serde import schema
+    from torch._export.serde.serialize import ExportedProgramDeserializer, _bytes_to_dataclass
+    from torch.export.pt2_archive import _package as pt2
+    from torch.export.pt2_archive.constants import MODELS_FILENAME_FORMAT
+
+    _refuse_pickles(reader, name, path)
+    serialized = _bytes_to_dataclass(
+        schema.ExportedProgram, reader.read_bytes(MODELS_FILENAME_FORMAT.format(name))
+    )
+    state_dict = pt2._load_state_dict(reader, name)
+    constants = pt2._load_constants(reader, name)
+    # Empty sample inputs: torch would torch.load them, falling back to weights_only=False.
+    return ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, b"")
+
+
+def load(path: str | os.PathLike, *, strict: bool = False) -> ExportedProgram:
+    """Read a program saved by `save`, with every delegate restored.
+
+    A delegate whose runtime is missing here runs its reference program in PyTorch instead,
+    with a warning naming it (`strict=True` raises PackageError). Raises PackageError for
+    a missing, truncated, corrupted or wrong-version file, or one that would need unpickling.
+    """
+    from torch.export.pt2_archive._package import PT2ArchiveReader
+    from torch.export.pt2_archive.constants import (
+        ARCHIVE_VERSION_PATH,
+        ARCHIVE_VERSION_VALUE,
+        EXECUTORCH_DIR,
+        EXTRA_DIR,
+    )
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise PackageError(f"{path}: no such file")
+    try:
+        reader_cm = PT2ArchiveReader(path)
+    except Exception as exc:
+        raise PackageError(
+            f"{path} is not a readable .pt2 archive (truncated or corrupted?): {exc}"
+        ) from exc
+    with reader_cm as reader:
+        try:
+            files = set(reader.get_file_names())
+            version = reader.read_string(ARCHIVE_VERSION_PATH)
+        except Exception as exc:
+            raise PackageError(f"{path}: cannot read the archive: {exc}") from exc
+        if version != ARCHIVE_VERSION_VALUE:
+            raise PackageError(
+                f"{path}: pt2 archive version {version!r}, this torch reads "
+                f"{ARCHIVE_VERSION_VALUE!r}"
+            )
+        if f"{EXTRA_DIR}{MANIFEST}" not in files:
+            raise PackageError(
+                f"{path} has no nativert manifest: it was not written by nativert.save "
+                "(plain programs load with torch.export.load)"
+            )
+        try:
+            manifest = json.loads(reader.read_string(f"{EXTRA_DIR}{MANIFEST}"))
+        except ValueError as exc:
+            raise PackageError(f"{path}: the nativert manifest is not valid JSON: {exc}") from exc
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise PackageError(
+                f"{path}: nativert package format {manifest.get('format_version')!r}; this "
+                f"nativert reads format {FORMAT_VERSION}"
+            )
+        try:
+            top = _read_program(reader, TOP, path)
+            entries = manifest["delegates"]
+            segments = [_read_program(reader, e["program"], path) for e in entries]
+            payloads = [reader.read_bytes(f"{EXECUTORCH_DIR}{e['payload']}") for e in entries]
+        except PackageError:
+            raise
+        except Exception as exc:
+            raise PackageError(
+                f"{path}: cannot read a program: {type(exc).__name__}: {exc}"
+            ) from exc
+    return _restore(top, manifest, segments, payloads, path, strict)
+
+
+def _restore(top, manifest, segments, payloads, path, strict) -> ExportedProgram:
+    state = {**top.state_dict, **top.constants}
+    nodes = delegate_nodes(top)
+    entries = manifest["delegates"]
+    if len(nodes) != len(entries):
+        raise PackageError(
+            f"{path}: the program has {len(nodes)} delegate calls but the manifest lists "
+            f"{len(entries)}"
+        )
+    gm = top.graph_module
+    for node, entry, free, payload in zip(nodes, entries, segments, payloads, strict=True):
+        segment = _program_with_inputs(free, entry["weights"], state)
+        lowered = _lowered(entry, segment, payload, path, strict)
+        attr, n = f"lowered_{entry['module_name']}", 0
+        while hasattr(gm, attr):
+            n += 1
+            attr = f"lowered_{entry['module_name']}_{n}"
+        gm.add_submodule(attr, lowered)
+        with gm.graph.inserting_before(node):
+            module_node = gm.graph.get_attr(attr)
+        node.args = (module_node, *node.args[1:])
+    for node in gm.graph.nodes:
+        reason = manifest.get("reasons", {}).get(node.name)
+        if reason is not None:
+            node.meta[REASON_KEY] = reason
+    gm.recompile()
+    program = rebuild_program(top, gm)
+    program.validate()
+    return program
+
+
+def _lowered(entry, segment, payload, path, strict) -> LoweredBackendModule:
+    backend_id = entry["backend_id"]
+    specs = [CompileSpec(k, v) for k, v in entry["compile_specs"]]
+    common = dict(
+        backend_id=backend_id,
+        processed_bytes=payload,
+        compile_specs=specs,
+        original_module=segment,
+        module_name=entry["module_name"],
+        mutated_arg_indices=entry["mutated_arg_indices"],
+        nondifferentiable_outputs=entry["nondifferentiable_outputs"],
+    )
+    try:
+        delegate = get_delegate(backend_id)
+        availability = delegate.is_available()
+        why = None if availability else availability.reason
+    except UnknownDelegateError as exc:
+        why = str(exc)
+    if why is None:
+        return LoweredBackendModule(**common)
+    message = (
+        f"{path}: delegate {backend_id!r} of segment {entry['module_name']!r} is not "
+        f"available here ({why})"
+    )
+    if strict:
+        raise PackageError(message + "; strict=True")
+    warnings.warn(
+        message + "; its reference program runs in PyTorch instead",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    from nativert._program import weight_names
+    from nativert.backend.delegates.eager import EagerExecutor
+
+    names = weight_names(segment)
+    runtime = DelegateRuntime(EagerExecutor(segment, name=backend_id), names)
+    runtime.bind(
+        [
+            state_tensor
+            for state_tensor in (segment.state_dict.get(n, segment.constants.get(n)) for n in names)
+        ]
+    )
+    return LoweredBackendModule(**common, runtime=runtime)
