@@ -14,14 +14,11 @@ Interleaved rounds, medians; writes benchmarks/results/executor_overhead.{json,m
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from _harness import interleaved_medians, machine, write
 
 import nativert
 from nativert.models import build
@@ -46,13 +43,6 @@ class Chain(torch.nn.Module):
         for layer in self.layers:
             x = shift(layer(x))
         return x
-
-
-def time_us(fn, runs: int) -> float:
-    start = time.perf_counter()
-    for _ in range(runs):
-        fn()
-    return (time.perf_counter() - start) / runs * 1e6
 
 
 def raw_caller(lowered, example):
@@ -118,19 +108,13 @@ def main() -> None:
         assert torch.allclose(mlp_executor(x), mlp(x), atol=1e-5)
         assert torch.allclose(chain_executor(h), chain(h), atol=1e-5)
         assert torch.allclose(block_executor(tokens), block(tokens), atol=1e-5)
-        for fn in cases.values():
-            time_us(fn, 100)
-        samples = {name: [] for name in cases}
-        for _ in range(args.rounds):
-            for name, fn in cases.items():
-                samples[name].append(time_us(fn, args.runs))
-    m = {name: statistics.median(v) for name, v in samples.items()}
+    m = interleaved_medians(cases, runs=args.runs, rounds=args.rounds)
     per_call = (m["chain_executor"] - m["chain_raw_ort_regions"] - m["chain_custom_ops"]) / k
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "command": f"python benchmarks/executor_overhead.py --runs {args.runs} "
         f"--rounds {args.rounds}",
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "machine": machine(),
         "median_us": {k_: round(v, 2) for k_, v in m.items()},
         "mlp_executor_vs_raw_ort": round(m["mlp_executor"] / m["mlp_raw_ort"], 3),
         "transformer_executor_vs_raw_ort": round(
@@ -138,9 +122,6 @@ def main() -> None:
         ),
         "overhead_us_per_delegate_call": round(per_call, 2),
     }
-    out_dir = Path(__file__).parent / "results"
-    out_dir.mkdir(exist_ok=True)
-    (out_dir / "executor_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Executor overhead ({result['date']})",
         "",
@@ -155,8 +136,7 @@ def main() -> None:
         f"Overhead per delegate call: {result['overhead_us_per_delegate_call']:.2f} us "
         "(target <= 10)",
     ]
-    (out_dir / "executor_overhead.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write("executor_overhead", result, lines)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,11 @@ Writes benchmarks/results/ort_overhead.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from _harness import interleaved_medians, machine, write
 
 import nativert
 
@@ -36,13 +33,6 @@ class Tiny(torch.nn.Module):
 
     def forward(self, x):
         return torch.relu(self.fc(x))
-
-
-def time_us(fn, runs: int) -> float:
-    start = time.perf_counter()
-    for _ in range(runs):
-        fn()
-    return (time.perf_counter() - start) / runs * 1e6
 
 
 def main() -> None:
@@ -86,27 +76,17 @@ def main() -> None:
     }
     with torch.no_grad():
         assert torch.allclose(executor.run([x])[0], model(x), atol=1e-5)
-        for fn in cases.values():
-            time_us(fn, 200)  # warm up
-        samples = {name: [] for name in cases}
-        for _ in range(args.rounds):
-            for name, fn in cases.items():
-                samples[name].append(time_us(fn, args.runs))
-
-    medians = {name: statistics.median(v) for name, v in samples.items()}
+    medians = interleaved_medians(cases, runs=args.runs, rounds=args.rounds, warmup=200)
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "command": f"python benchmarks/ort_overhead.py --runs {args.runs} --rounds {args.rounds}",
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "machine": machine(),
         "torch": torch.__version__,
         "onnxruntime": __import__("onnxruntime").__version__,
         "median_us": {k: round(v, 2) for k, v in medians.items()},
         "executor_overhead_us_vs_raw_reused": round(medians["executor"] - medians["raw_reused"], 2),
         "executor_overhead_us_vs_raw_rebind": round(medians["executor"] - medians["raw_rebind"], 2),
     }
-    out_dir = Path(__file__).parent / "results"
-    out_dir.mkdir(exist_ok=True)
-    (out_dir / "ort_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# onnxruntime delegate per-call overhead ({result['date']})",
         "",
@@ -121,8 +101,7 @@ def main() -> None:
         f"executor overhead: {result['executor_overhead_us_vs_raw_reused']:+.2f} us vs "
         f"raw_reused, {result['executor_overhead_us_vs_raw_rebind']:+.2f} us vs raw_rebind",
     ]
-    (out_dir / "ort_overhead.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write("ort_overhead", result, lines)
 
 
 if __name__ == "__main__":

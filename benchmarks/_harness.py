@@ -1,0 +1,47 @@
+"""Shared timing for the benchmarks: interleaved rounds and medians (machines here are noisy),
+and results written as JSON + markdown under benchmarks/results/."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def time_us(fn: Callable[[], object], runs: int) -> float:
+    start = time.perf_counter()
+    for _ in range(runs):
+        fn()
+    return (time.perf_counter() - start) / runs * 1e6
+
+
+def interleaved_medians(
+    cases: dict[str, Callable[[], object]], *, runs: int, rounds: int, warmup: int = 100
+) -> dict[str, float]:
+    """Median us per call for each case, rounds interleaved so drift hits all cases alike."""
+    with torch.no_grad():
+        for fn in cases.values():
+            time_us(fn, warmup)
+        samples: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(rounds):
+            for name, fn in cases.items():
+                samples[name].append(time_us(fn, runs))
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {torch.get_num_threads()} torch threads"
+
+
+def write(name: str, result: dict, lines: list[str]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
