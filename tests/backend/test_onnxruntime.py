@@ -74,6 +74,35 @@ def test_dynamic_batch_lowered_once():
     assert len(lowered.executor._shape_cache) == 3  # one session, three cached signatures
 
 
+def test_symbolic_size_computed_in_pytorch_reaches_ort_segment():
+    class ReshapeBySize(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = torch.sin(self.fc(x))  # sin stays in PyTorch: the size crosses the boundary
+            return y.reshape(y.shape[0], 2, 4).relu() * 2
+
+    model, x = ReshapeBySize().eval(), torch.randn(3, 8)
+    program = nativert.to_backend(
+        torch.export.export(model, (x,), dynamic_shapes=({0: Dim("b", min=1, max=32)},)),
+        nativert.CapabilityPartitioner(exclude_ops=["aten::sin"]),
+    )
+    call = next(
+        n
+        for n in program.graph.nodes
+        if n.target is nativert.call_delegate
+        and any(isinstance(a.meta.get("val"), torch.SymInt) for a in n.args[1:])
+    )
+    assert call is not None
+    executor = nativert.Executor(program)
+    for batch in (1, 5, 32):
+        xb = torch.randn(batch, 8)
+        with torch.no_grad():
+            assert_close(executor(xb), model(xb), what=f"batch {batch}")
+
+
 def test_gradients_through_onnxruntime_segment():
     model, (x,), program = lower_whole("mlp")
     runnable = program.module()

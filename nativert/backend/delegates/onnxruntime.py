@@ -37,6 +37,13 @@ from nativert.backend.delegate import Availability, CompileSpec, StagedWeights
 from nativert.backend.delegates import onnxruntime_support
 from nativert.errors import DelegateCallError, DelegateCompileError
 
+_ONNX_TYPES: dict[str, torch.dtype] = {
+    "tensor(int64)": torch.int64,
+    "tensor(int32)": torch.int32,
+    "tensor(float)": torch.float32,
+    "tensor(double)": torch.float64,
+    "tensor(bool)": torch.bool,
+}
 _NUMPY_DTYPES: dict[torch.dtype, str] = {
     torch.float32: "float32",
     torch.float64: "float64",
@@ -116,11 +123,12 @@ def _options(compile_specs: Sequence[CompileSpec]) -> dict[str, Any]:
 class _Plan:
     """Everything a call with one input signature needs, computed once for it."""
 
-    def __init__(self, binding: Any, tensor_inputs: list, outputs: list) -> None:
+    def __init__(self, binding: Any, tensor_inputs: list, outputs: list, scalars: list) -> None:
         self.binding = binding
         self.tensor_inputs = tensor_inputs  # [(index, onnx input name, numpy dtype)]
         self.outputs = outputs  # [(onnx output name, numpy dtype, shape, torch dtype)]
         self.bound = [None] * len(tensor_inputs)  # data pointers bound last time
+        self.scalars = scalars  # tensors holding int inputs (SymInts), bound once
 
 
 class _Compiled:
@@ -129,6 +137,7 @@ class _Compiled:
     def __init__(self, session: Any, keep_alive: tuple = ()) -> None:
         self.session = session
         self.input_names = [i.name for i in session.get_inputs()]
+        self.input_meta = [(i.type, i.shape) for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
         self.keep_alive = keep_alive  # tensors backing the external initializers
         # Plans (with their IOBinding) per thread: a session runs calls concurrently, but a
@@ -208,10 +217,25 @@ class OnnxRuntimeExecutor(StagedWeights):
         return specs
 
     def _plan(self, compiled: _Compiled, key: tuple, inputs: Sequence[Any]) -> _Plan:
-        tensor_inputs = []
-        shapes = []
+        binding = compiled.session.io_binding()
+        tensor_inputs, shapes, scalars = [], [], []
         for i, value in enumerate(inputs):
             if not isinstance(value, torch.Tensor):
+                # A symbolic size computed outside the segment: the exporter made it a scalar
+                # input. The plan is keyed by its value, so bind it once here.
+                name = compiled.input_names[i]
+                onnx_type, onnx_shape = compiled.input_meta[i]
+                dtype = _ONNX_TYPES.get(onnx_type)
+                if dtype is None:
+                    raise DelegateCallError(
+                        f"onnxruntime delegate input {name!r} is a Python {type(value).__name__}"
+                        f" but the session expects {onnx_type}"
+                    )
+                scalar = torch.tensor(value, dtype=dtype).reshape([1] * len(onnx_shape))
+                binding.bind_input(
+                    name, "cpu", 0, _NUMPY_DTYPES[dtype], scalar.shape, scalar.data_ptr()
+                )
+                scalars.append(scalar)
                 shapes.append((value, None))
                 continue
             name = compiled.input_names[i]
@@ -233,7 +257,7 @@ class OnnxRuntimeExecutor(StagedWeights):
                 compiled.output_names, self._output_specs(tuple(shapes)), strict=True
             )
         ]
-        plan = _Plan(compiled.session.io_binding(), tensor_inputs, outputs)
+        plan = _Plan(binding, tensor_inputs, outputs, scalars)
         compiled.plans()[key] = plan
         return plan
 
