@@ -29,13 +29,16 @@ POOL = {
     "tanh": (1, lambda m, a: torch.tanh(a)),
     "linear": (1, lambda m, a: a @ m.w + m.b),
     "center": (1, lambda m, a: a - a.mean(dim=-1, keepdim=True)),
-    "rowsum": (1, lambda m, a: a.sum(dim=0, keepdim=True).expand(N, N)),
+    "rowsum": (1, lambda m, a: a.sum(dim=0, keepdim=True).expand_as(a)),
     "transpose": (1, lambda m, a: a.t()),
-    "flatten": (1, lambda m, a: a.reshape(-1).reshape(N, N)),
+    # Sizes read from the tensor: with a dynamic batch, SymInts cross region boundaries.
+    "flatten": (1, lambda m, a: a.reshape(-1).reshape(a.shape[0], a.shape[1])),
     "scale_buffer": (1, lambda m, a: a * m.scale),
     "sin": (1, lambda m, a: torch.sin(a)),  # not supported by the delegate below
 }
 NAMES = sorted(POOL)
+# Ops that work for any number of rows (no square-only matmul or transpose).
+ANY_ROWS = sorted(set(NAMES) - {"matmul", "transpose"})
 
 
 class NotSin(TableDelegate):
@@ -62,10 +65,10 @@ class RandomProgram(nn.Module):
 
 
 @st.composite
-def programs(draw):
+def programs(draw, pool=tuple(NAMES)):
     steps = []
     for i in range(draw(st.integers(5, 40))):
-        name = draw(st.sampled_from(NAMES))
+        name = draw(st.sampled_from(pool))
         arity = POOL[name][0]
         args = tuple(draw(st.integers(0, i + 1)) for _ in range(arity))
         steps.append((name, args))
@@ -104,6 +107,42 @@ def test_random_programs_match_eager(not_sin, steps, seed):
     x2, y2 = torch.randn(N, N), torch.randn(N, N)
     with torch.no_grad():
         expected, got = model(x2, y2), program.module()(x2, y2)
+    for e, g in zip(expected, got, strict=True):
+        assert g.shape == e.shape and g.dtype == e.dtype
+        assert torch.allclose(g, e, rtol=1e-4, atol=1e-5, equal_nan=True), (
+            f"max abs error {(g - e).abs().nan_to_num().max().item():.3e}"
+        )
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(data=st.data(), seed=st.integers(0, 2**16), dynamic=st.booleans())
+def test_random_programs_through_onnxruntime_and_executor(data, seed, dynamic):
+    """The same property on the real fast path: ORT regions around the sins, run by the
+    Executor; half the examples have a dynamic number of rows (and then only ops that
+    allow it), so symbolic sizes cross region boundaries."""
+    from torch.export import Dim
+
+    steps = data.draw(programs(tuple(ANY_ROWS) if dynamic else tuple(NAMES)))
+    torch.manual_seed(seed)
+    model = RandomProgram(steps)
+    x, y = torch.randn(N, N), torch.randn(N, N)
+    shapes = None
+    if dynamic:
+        rows = Dim("rows", min=2, max=16)
+        shapes = ({0: rows}, {0: rows})
+    program = nativert.to_backend(
+        torch.export.export(model, (x, y), dynamic_shapes=shapes),
+        nativert.CapabilityPartitioner(["onnxruntime"], exclude_ops=["aten::sin"]),
+    )
+    program.validate()
+    executor = nativert.Executor(program)
+    rows = 7 if shapes else N
+    x2, y2 = torch.randn(rows, N), torch.randn(rows, N)
+    with torch.no_grad():
+        expected, got = model(x2, y2), executor(x2, y2)
     for e, g in zip(expected, got, strict=True):
         assert g.shape == e.shape and g.dtype == e.dtype
         assert torch.allclose(g, e, rtol=1e-4, atol=1e-5, equal_nan=True), (
