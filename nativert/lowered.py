@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
 from nativert._program import find_nondifferentiable_outputs, weight_names, weight_tensor
-from nativert.backend.delegate import CompileSpec, DelegateExecutor, get_delegate
+from nativert.backend.delegate import CompileSpec, DelegateExecutor, StagedWeights, get_delegate
 from nativert.errors import DelegateCallError
 
 
@@ -41,8 +41,9 @@ class DelegateRuntime:
     the version counter), so a delegate never runs with stale weights.
     """
 
-    def __init__(self, executor: DelegateExecutor, names: tuple[str, ...]) -> None:
-        self.executor = executor
+    def __init__(self, factory: Callable[[], DelegateExecutor], names: tuple[str, ...]) -> None:
+        self.factory = factory  # builds a fresh executor for this payload (Executors own one)
+        self.executor = factory()
         self.weight_names = names
         self._lock = threading.Lock()
         self._bound_refs: tuple[torch.Tensor, ...] = ()
@@ -56,21 +57,27 @@ class DelegateRuntime:
             return None
         return tuple((id(w), w._version) for w in weights)
 
-    def bind(self, weights: Sequence[torch.Tensor]) -> None:
+    def _bind_locked(self, weights: Sequence[torch.Tensor]) -> None:
         key = self._key(weights)
-        if key is not None and key == self._bound_key:
-            return
+        if key is None or key != self._bound_key:
+            self.executor.init_weights(dict(zip(self.weight_names, weights, strict=True)))
+            # Holding the tensors keeps their ids from being reused while bound.
+            self._bound_refs = tuple(weights)
+            self._bound_key = key
+
+    def bind(self, weights: Sequence[torch.Tensor]) -> None:
         with self._lock:
-            if key is None or key != self._bound_key:
-                self.executor.init_weights(dict(zip(self.weight_names, weights, strict=True)))
-                # Holding the tensors keeps their ids from being reused while bound.
-                self._bound_refs = tuple(weights)
-                self._bound_key = key
+            self._bind_locked(weights)
 
     def run(self, flat_args: Sequence[Any]) -> tuple[torch.Tensor, ...]:
         n = len(self.weight_names)
-        self.bind(flat_args[:n])
-        return self.executor.run(flat_args[n:])
+        executor = self.executor
+        with self._lock:  # bind and take the snapshot together: callers with other weights
+            self._bind_locked(flat_args[:n])  # cannot slip in between
+            state = executor.active_state() if isinstance(executor, StagedWeights) else None
+        if state is None:
+            return executor.run(flat_args[n:])
+        return executor.run_with(state, flat_args[n:])
 
 
 def _attr_name(target: str, taken: set[str]) -> str:
@@ -125,8 +132,10 @@ class LoweredBackendModule(torch.nn.Module):
         )
         if runtime is None:
             delegate = get_delegate(backend_id)
-            executor = delegate.load(processed_bytes, self.compile_specs, reference=original_module)
-            runtime = DelegateRuntime(executor, names)
+            specs = self.compile_specs
+            runtime = DelegateRuntime(
+                lambda: delegate.load(processed_bytes, specs, reference=original_module), names
+            )
             runtime.bind([weight_tensor(original_module, n) for n in names])
         self._runtime = runtime
         # Not a registered submodule: a child would show up in parameters() and state_dict().
@@ -281,6 +290,9 @@ class LoweredBackendModule(torch.nn.Module):
             memo[id(self)] = self
             return self
         clone = self._sharing_runtime()
+        # Its own runtime: copies with different weights must not rebind one executor in turn.
+        runtime = DelegateRuntime(self._runtime.factory, self._runtime.weight_names)
+        clone._runtime = runtime
         memo[id(self)] = clone
         clone.owns_weights = True
         for name, param in self._parameters.items():

@@ -232,10 +232,12 @@ def test_delegate_sees_parameters_updated_in_place():
     assert not torch.allclose(before, after)
 
 
-def test_deepcopy_shares_runtime_but_copies_owned_weights(mlp):
+def test_deepcopy_shares_payload_but_copies_weights_and_runtime(mlp):
     model, x, lowered = mlp
     clone = copy.deepcopy(lowered)
-    assert clone._runtime is lowered._runtime
+    assert clone.processed_bytes is lowered.processed_bytes
+    assert clone.original_module is lowered.original_module
+    assert clone._runtime is not lowered._runtime  # copies never rebind each other's executor
     assert clone.fc1_weight is not lowered.fc1_weight
     view = lowered.graph_view()
     assert copy.deepcopy(view) is view

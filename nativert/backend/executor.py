@@ -39,14 +39,29 @@ class _Generation:
 
 
 class _DelegateRunner:
-    """Stands in for one call_delegate node: runs its executor on the call's snapshot."""
+    """Stands in for one call_delegate node: runs this Executor's own delegate executor on
+    the call's snapshot. `sources` maps each of the segment's weights to the program weight
+    the graph passes for it."""
 
-    def __init__(self, index: int, lowered: Any) -> None:
+    def __init__(self, index: int, lowered: Any, sources: tuple[str, ...]) -> None:
         self.index = index
         self.lowered = lowered
-        self.executor = lowered.executor
-        self.skip = lowered._num_weights  # owned weights live in the executor
+        self.names = lowered._runtime.weight_names
+        self.sources = sources
+        self.executor = lowered._runtime.factory()  # not shared with .module() or others
+        if not isinstance(self.executor, StagedWeights):
+            raise NativertError(
+                f"delegate {lowered.backend_id!r}: its executor has no "
+                "active_state()/run_with(); derive it from "
+                "nativert.backend.delegate.StagedWeights to run in an Executor"
+            )
+        self.skip = len(self.names)  # owned weights live in the executor
         self.__name__ = f"delegate_{lowered.module_name}"  # FX codegen names the call by it
+
+    def stage(self, weights: Mapping[str, torch.Tensor]) -> None:
+        self.executor.process_weights(
+            {name: weights[source] for name, source in zip(self.names, self.sources, strict=True)}
+        )
 
     def __call__(self, states: tuple, *args: Any) -> tuple[torch.Tensor, ...]:
         return self.executor.run_with(states[self.index], args[self.skip :])
@@ -112,17 +127,29 @@ class Executor:
         self._user_outputs = tuple(
             i for i, s in enumerate(outputs) if s.kind == OutputKind.USER_OUTPUT
         )
+        weights = {n: weight_tensor(program, n) for n in self._weight_names}
+        for _, j in self._buffer_mutations:
+            # State this Executor updates is its own: the program and other Executors keep
+            # theirs.
+            name = self._weight_names[j]
+            weights[name] = weights[name].detach().clone()
+        for runner in self._runners:
+            runner.stage(weights)
+            runner.executor.commit_weights()
         self._gen = _Generation(
-            tuple(weight_tensor(program, n) for n in self._weight_names),
-            tuple(self._bind(r) for r in self._runners),
+            tuple(weights[n] for n in self._weight_names),
+            tuple(r.executor.active_state() for r in self._runners),
         )
+        # Required in a strict update: what the program's state_dict holds (parameters and
+        # persistent buffers); constants and non-persistent buffers may be given or not.
+        self._required = frozenset(program.state_dict)
         # The generated code itself: nn.Module.__call__ adds hook handling we do not need.
         self._forward = self._gm.forward
         self._pack = self._make_pack()
         self._update_lock = threading.Lock()
-        self._max_frames = num_frames or 2 * (os.cpu_count() or 1)
-        if self._max_frames < 1:
+        if num_frames is not None and num_frames < 1:
             raise NativertError(f"num_frames must be >= 1, got {num_frames}")
+        self._max_frames = num_frames or 2 * (os.cpu_count() or 1)
         self._frames = threading.BoundedSemaphore(self._max_frames)
         self._frames_lock = threading.Lock()
         self._busy = 0
@@ -135,12 +162,24 @@ class Executor:
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         with graph.inserting_after(placeholders[-1] if placeholders else None):
             states = graph.placeholder("nativert_delegate_states")
+        targets = {
+            s.arg.name: s.target
+            for s in program.graph_signature.input_specs
+            if s.kind in WEIGHT_KINDS
+        }
         runners = []
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target is not call_delegate:
                 continue
             lowered = getattr(gm, node.args[0].target)
-            runner = _DelegateRunner(len(runners), lowered)
+            passed = node.args[1 : 1 + lowered._num_weights]
+            missing = [a for a in passed if getattr(a, "name", None) not in targets]
+            if missing:
+                raise NativertError(
+                    f"delegate call {node.name!r}: its weight inputs {missing} are computed in "
+                    "the graph, not program weights; the Executor needs program weights there"
+                )
+            runner = _DelegateRunner(len(runners), lowered, tuple(targets[a.name] for a in passed))
             runners.append(runner)
             with graph.inserting_before(node):
                 direct = graph.call_function(runner, (states, *node.args[1:]))
@@ -150,21 +189,6 @@ class Executor:
         graph.eliminate_dead_code()  # the get_attr nodes of the lowered modules
         gm.recompile()
         return gm, runners
-
-    @staticmethod
-    def _bind(runner: _DelegateRunner) -> Any:
-        """Give a delegate its weights (from the program) and return its committed state."""
-        lowered = runner.lowered
-        runtime = lowered._runtime
-        names = runtime.weight_names
-        runtime.bind([weight_tensor(lowered.original_module, n) for n in names])
-        executor = runner.executor
-        if not isinstance(executor, StagedWeights):
-            raise NativertError(
-                f"delegate {lowered.backend_id!r}: its executor has no active_state()/run_with(); "
-                "derive it from nativert.backend.delegate.StagedWeights to run in an Executor"
-            )
-        return executor.active_state()
 
     # -- running ---------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -225,14 +249,15 @@ class Executor:
         """
         with self._update_lock:
             current = self.weights()
-            missing, unexpected = validate_update(current, state_dict, strict=strict)
+            missing, unexpected = validate_update(
+                current, state_dict, strict=strict, required=self._required
+            )
             new = {**current, **{k: v for k, v in state_dict.items() if k in current}}
             staged = []
             try:
                 for runner in self._runners:
-                    names = runner.lowered._runtime.weight_names
-                    if any(n in state_dict for n in names):
-                        runner.executor.process_weights({n: new[n] for n in names})
+                    if any(source in state_dict for source in runner.sources):
+                        runner.stage(new)
                         staged.append(runner)
             except Exception:
                 for runner in staged:

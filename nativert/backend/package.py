@@ -78,7 +78,8 @@ def _program_with_inputs(
             persistent = kind == InputKind.PARAMETER or (
                 kind == InputKind.BUFFER and w.get("persistent")
             )
-            (state_dict if persistent else constants)[w["target"]] = state[w["target"]]
+            source = w.get("source", w["target"])
+            (state_dict if persistent else constants)[w["target"]] = state[source]
         else:
             specs.append(InputSpec(InputKind.USER_INPUT, _argument(node), None))
     outputs = list(gm.graph.output_node().args[0])
@@ -112,13 +113,32 @@ def save(program: ExportedProgram, path: str | os.PathLike) -> None:
     if not isinstance(program, ExportedProgram):
         raise TypeError(f"save needs an ExportedProgram, got {type(program).__name__}")
     segments, payloads, entries = {}, {}, []
-    for i, lowered in enumerate(lowered_modules(program)):
+    targets = {
+        s.arg.name: s.target for s in program.graph_signature.input_specs if s.kind in WEIGHT_KINDS
+    }
+    for i, (node, lowered) in enumerate(
+        zip(delegate_nodes(program), lowered_modules(program), strict=True)
+    ):
         segment = lowered.original_module
-        weights = [
-            {"kind": s.kind.name, "target": s.target, "persistent": s.persistent}
-            for s in segment.graph_signature.input_specs
-            if s.kind in WEIGHT_KINDS
-        ]
+        specs = [s for s in segment.graph_signature.input_specs if s.kind in WEIGHT_KINDS]
+        weights = []
+        for spec, arg in zip(specs, node.args[1 : 1 + len(specs)], strict=True):
+            source = targets.get(getattr(arg, "name", None))
+            if source is None:
+                raise NativertError(
+                    f"cannot save delegate call {node.name!r}: its weight {spec.target!r} is "
+                    "computed in the graph, not a program weight"
+                )
+            # `source`: the program weight the graph passes (the names differ when a wrapper
+            # around a lowered module was exported).
+            weights.append(
+                {
+                    "kind": spec.kind.name,
+                    "target": spec.target,
+                    "source": source,
+                    "persistent": spec.persistent,
+                }
+            )
         segments[f"nativert_segment_{i}"] = _program_with_inputs(segment, [], {})
         payloads[f"nativert/{i}.bin"] = lowered.processed_bytes
         delegate = get_delegate(lowered.backend_id) if lowered.backend_id in _known() else None
@@ -274,7 +294,14 @@ def load(path: str | os.PathLike, *, strict: bool = False) -> ExportedProgram:
             raise PackageError(
                 f"{path}: cannot read a program: {type(exc).__name__}: {exc}"
             ) from exc
-    return _restore(top, manifest, segments, payloads, path, strict)
+    try:
+        return _restore(top, manifest, segments, payloads, path, strict)
+    except (PackageError, UnknownDelegateError):
+        raise
+    except Exception as exc:  # a corrupted payload or manifest: name the file
+        raise PackageError(
+            f"{path}: cannot restore the delegates: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _restore(top, manifest, segments, payloads, path, strict) -> ExportedProgram:
@@ -343,11 +370,6 @@ def _lowered(entry, segment, payload, path, strict) -> LoweredBackendModule:
     from nativert.backend.delegates.eager import EagerExecutor
 
     names = weight_names(segment)
-    runtime = DelegateRuntime(EagerExecutor(segment, name=backend_id), names)
-    runtime.bind(
-        [
-            state_tensor
-            for state_tensor in (segment.state_dict.get(n, segment.constants.get(n)) for n in names)
-        ]
-    )
+    runtime = DelegateRuntime(lambda: EagerExecutor(segment, name=backend_id), names)
+    runtime.bind([segment.state_dict.get(n, segment.constants.get(n)) for n in names])
     return LoweredBackendModule(**common, runtime=runtime)

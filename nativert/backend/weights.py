@@ -62,18 +62,24 @@ class InputSpecs:
         signature = program.module_call_graph[0].signature
         self._arg_names = list(getattr(signature, "forward_arg_names", None) or [])
 
+    def _normalize(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Keyword arguments in any order, and for positional parameters, as
+        program.module() accepts them: reorder them to the exported structure."""
+        keys = list(self.in_spec.child(1).context or [])
+        positional = [n for n in self._arg_names[len(args) :] if n in kwargs and n not in keys]
+        args = (*args, *(kwargs[n] for n in positional))
+        rest = {k: v for k, v in kwargs.items() if k not in positional}
+        ordered = {k: rest[k] for k in keys if k in rest}
+        ordered.update({k: v for k, v in rest.items() if k not in ordered})
+        return args, ordered
+
     def flatten(self, args: tuple, kwargs: dict) -> list[Any]:
         if self._positional and not kwargs and len(args) == len(self.values):
             flat = list(args)
         else:
             flat, spec = pytree.tree_flatten((args, kwargs))
             if spec != self.in_spec and kwargs:
-                # Keyword arguments for positional parameters, as program.module() allows.
-                named = list(args) + [
-                    kwargs[n] for n in self._arg_names[len(args) :] if n in kwargs
-                ]
-                if len(named) - len(args) == len(kwargs):
-                    flat, spec = pytree.tree_flatten((tuple(named), {}))
+                flat, spec = pytree.tree_flatten(self._normalize(args, kwargs))
             if spec != self.in_spec:
                 if len(flat) != len(self.values):
                     raise DelegateCallError(
@@ -84,8 +90,10 @@ class InputSpecs:
                     f"inputs ({', '.join(self.names)}) must be structured as {self.in_spec}, "
                     f"got {spec}"
                 )
-        for value, fast in zip(flat, self._fast, strict=True):
+        for value, fast, want in zip(flat, self._fast, self.values, strict=True):
             if fast is None:
+                if isinstance(want, (int, float, bool)) and value != want:
+                    self.check(flat)  # a constant input with another value: say which
                 continue
             dtype, shape, cpu = fast
             if not (
@@ -103,7 +111,13 @@ class InputSpecs:
         seen: dict[Any, tuple[int, str]] = {}
         for value, want, name in zip(flat, self.values, self.names, strict=True):
             if not isinstance(want, torch.Tensor):
-                continue  # scalar inputs: export already specialised or guarded them
+                if isinstance(want, (int, float, bool)) and value != want:
+                    raise DelegateCallError(
+                        f"input {name!r} was exported as the constant {want!r} and the program "
+                        f"is specialised to it; got {value!r}. Export with a dynamic value "
+                        "(torch.export.Dim) or re-export for this value"
+                    )
+                continue
             if not isinstance(value, torch.Tensor):
                 raise DelegateCallError(
                     f"input {name!r} must be a Tensor, got {type(value).__name__}"
@@ -149,10 +163,11 @@ def validate_update(
     given: Mapping[str, torch.Tensor],
     *,
     strict: bool,
+    required: frozenset[str] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Names missing from / unexpected in an update; raise for bad names (strict), shapes or
-    dtypes, naming the weight."""
-    missing = sorted(set(current) - set(given))
+    dtypes, naming the weight. Only `required` names (default: all) count as missing."""
+    missing = sorted((set(current) if required is None else required) - set(given))
     unexpected = sorted(set(given) - set(current))
     if strict and (missing or unexpected):
         raise WeightsError(
