@@ -79,6 +79,10 @@ def validate_weights(
             raise WeightsError(
                 f"{owner}: weight {name!r} has dtype {got.dtype}, expected {want.dtype}"
             )
+        if got.device.type != want.device.type:
+            raise WeightsError(
+                f"{owner}: weight {name!r} is on {got.device}, expected {want.device.type}"
+            )
         if tuple(got.shape) != tuple(want.shape):
             raise WeightsError(
                 f"{owner}: weight {name!r} has shape {tuple(got.shape)}, "

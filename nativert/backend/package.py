@@ -351,6 +351,12 @@ def _lowered(entry, segment, payload, path, strict) -> LoweredBackendModule:
         delegate = get_delegate(backend_id)
         availability = delegate.is_available()
         why = None if availability else availability.reason
+        saved = entry.get("delegate_version")
+        if why is None and saved != delegate.version:
+            why = (
+                f"the payload was written by delegate version {saved!r}; this one is "
+                f"version {delegate.version!r}"
+            )
     except UnknownDelegateError as exc:
         why = str(exc)
     if why is None:

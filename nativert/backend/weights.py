@@ -45,6 +45,17 @@ class InputSpecs:
         self.names = _user_names(program, len(specs))
         self.in_spec = program.call_spec.in_spec
         self.ranges = dict(program.range_constraints)
+        # Dims that are expressions of other dims (y has b + 1 rows): compiled once.
+        import sympy
+
+        self._derived = {}
+        for v in self.values:
+            if isinstance(v, torch.Tensor):
+                for d in v.shape:
+                    expr = d.node.expr if isinstance(d, torch.SymInt) else None
+                    if expr is not None and not expr.is_Symbol and expr not in self._derived:
+                        symbols = sorted(expr.free_symbols, key=str)
+                        self._derived[expr] = (symbols, sympy.lambdify(symbols, expr))
         # Fast path per input: (dtype, fully static shape or None, on CPU); anything that
         # does not match it exactly gets the detailed check and its error.
         self._fast = [
@@ -109,6 +120,7 @@ class InputSpecs:
 
     def check(self, flat: list[Any]) -> None:
         seen: dict[Any, tuple[int, str]] = {}
+        derived: list[tuple[str, int, int, Any]] = []
         for value, want, name in zip(flat, self.values, self.names, strict=True):
             if not isinstance(want, torch.Tensor):
                 if isinstance(want, (int, float, bool)) and value != want:
@@ -144,6 +156,9 @@ class InputSpecs:
                         )
                     continue
                 expr = dim.node.expr
+                if expr in self._derived:
+                    derived.append((name, axis, got, expr))
+                    continue
                 bounds = self.ranges.get(expr)
                 if bounds is not None and not (bounds.lower <= got <= bounds.upper):
                     raise DelegateCallError(
@@ -156,6 +171,15 @@ class InputSpecs:
                         f"{seen[expr][1]} fixed {expr} = {seen[expr][0]}"
                     )
                 seen.setdefault(expr, (got, f"{name!r} dimension {axis}"))
+        for name, axis, got, expr in derived:
+            symbols, fn = self._derived[expr]
+            if all(sym in seen for sym in symbols):
+                want = int(fn(*(seen[sym][0] for sym in symbols)))
+                if got != want:
+                    raise DelegateCallError(
+                        f"input {name!r} has size {got} in dimension {axis}, expected {expr} = "
+                        f"{want} from the other inputs' sizes"
+                    )
 
 
 def validate_update(

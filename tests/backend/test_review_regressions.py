@@ -170,3 +170,55 @@ def test_strict_update_with_state_dict_of_model_with_non_persistent_buffer():
     model.load_state_dict(new)
     with torch.no_grad():
         assert_close(executor(x), model(x))
+
+
+def test_derived_dynamic_dim_is_validated():
+    from torch.export import Dim
+
+    class Shifted(torch.nn.Module):
+        def forward(self, x, y):
+            return x + y[1:]
+
+    b = Dim("b", min=2, max=16)
+    x, y = torch.randn(4, 3), torch.randn(5, 3)
+    program = nativert.to_backend(
+        torch.export.export(Shifted(), (x, y), dynamic_shapes=({0: b}, {0: b + 1}))
+    )
+    executor = nativert.Executor(program)
+    assert_close(executor(torch.ones(6, 3), torch.ones(7, 3)), torch.full((6, 3), 2.0))
+    with pytest.raises(
+        nativert.DelegateCallError, match=r"input 'y' has size 5 in dimension 0, expected .*= 7"
+    ):
+        executor(torch.ones(6, 3), torch.ones(5, 3))
+
+
+def test_weight_update_on_wrong_device_is_refused():
+    model, inputs = make("mlp")
+    executor = nativert.Executor(nativert.to_backend(torch.export.export(model, inputs)))
+    new = {k: torch.randn_like(v, device="meta") for k, v in model.state_dict().items()}
+    with pytest.raises(nativert.WeightsError, match=r"is on meta, expected cpu"):
+        executor.update_weights(new)
+
+
+def test_package_from_another_delegate_version_falls_back(tmp_path):
+    import json
+
+    from tests.backend.test_package import rewrite
+
+    model, inputs = make("mlp")
+    nativert.save(nativert.to_backend(torch.export.export(model, inputs)), tmp_path / "m.pt2")
+    with zipfile.ZipFile(tmp_path / "m.pt2") as archive:
+        name = next(n for n in archive.namelist() if n.endswith("nativert/manifest.json"))
+        manifest = json.loads(archive.read(name))
+    manifest["delegates"][0]["delegate_version"] = "0-old"
+    rewrite(
+        tmp_path / "m.pt2",
+        tmp_path / "old.pt2",
+        {name.split("/", 1)[1]: json.dumps(manifest).encode()},
+    )
+    with pytest.warns(RuntimeWarning, match=r"written by delegate version '0-old'"):
+        loaded = nativert.load(tmp_path / "old.pt2")
+    with torch.no_grad():
+        assert_close(nativert.Executor(loaded)(*inputs), model(*inputs))
+    with pytest.raises(nativert.PackageError, match="'0-old'.*strict"):
+        nativert.load(tmp_path / "old.pt2", strict=True)
