@@ -44,6 +44,7 @@ class DelegateRuntime:
     def __init__(self, factory: Callable[[], DelegateExecutor], names: tuple[str, ...]) -> None:
         self.factory = factory  # builds a fresh executor for this payload (Executors own one)
         self.executor = factory()
+        self._snapshots = isinstance(self.executor, StagedWeights)  # has active_state/run_with
         self.weight_names = names
         self._lock = threading.Lock()
         self._bound_refs: tuple[torch.Tensor, ...] = ()
@@ -74,8 +75,8 @@ class DelegateRuntime:
         executor = self.executor
         with self._lock:  # bind and take the snapshot together: callers with other weights
             self._bind_locked(flat_args[:n])  # cannot slip in between
-            state = executor.active_state() if isinstance(executor, StagedWeights) else None
-        if state is None:
+            state = executor.active_state() if self._snapshots else None
+        if not self._snapshots:
             return executor.run(flat_args[n:])
         return executor.run_with(state, flat_args[n:])
 
