@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
 from torch.export.exported_program import ModuleCallEntry, ModuleCallSignature
@@ -14,6 +15,7 @@ from torch.export.graph_signature import (
     ExportGraphSignature,
     InputKind,
     InputSpec,
+    OutputKind,
     OutputSpec,
     SymIntArgument,
     TensorArgument,
@@ -190,6 +192,57 @@ def find_nondifferentiable_outputs(
 
 def _is_float(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
+
+
+def argument(node: Node) -> TensorArgument | SymIntArgument:
+    """The signature argument for a graph node (SymInt placeholders are SymIntArguments)."""
+    if isinstance(node.meta.get("val"), torch.SymInt):
+        return SymIntArgument(name=node.name)
+    return TensorArgument(name=node.name)
+
+
+def program_from_graph(
+    gm: GraphModule,
+    weights: Sequence[InputSpec],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    range_constraints: Mapping[Any, Any],
+    verifiers: Any,
+) -> ExportedProgram:
+    """An ExportedProgram over `gm` (used as is) whose first len(weights) placeholders are
+    those weights (kind, target, persistent from `weights`, tensors from `tensors` by target)
+    and the rest user inputs; every output is a user output."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    user = placeholders[len(weights) :]
+    input_specs, state_dict, constants = [], {}, {}
+    for spec, node in zip(weights, placeholders, strict=False):
+        input_specs.append(
+            InputSpec(spec.kind, TensorArgument(name=node.name), spec.target, spec.persistent)
+        )
+        persistent = spec.kind == InputKind.PARAMETER or (
+            spec.kind == InputKind.BUFFER and spec.persistent
+        )
+        (state_dict if persistent else constants)[spec.target] = tensors[spec.target]
+    input_specs += [InputSpec(InputKind.USER_INPUT, argument(n), None) for n in user]
+    outputs = list(gm.graph.output_node().args[0])
+    signature = ModuleCallSignature(
+        inputs=[argument(n) for n in user],
+        outputs=[argument(n) for n in outputs],
+        in_spec=pytree.tree_flatten((tuple(n.meta.get("val") for n in user), {}))[1],
+        out_spec=pytree.tree_flatten(tuple(n.meta.get("val") for n in outputs))[1],
+    )
+    return ExportedProgram(
+        root=gm,
+        graph=gm.graph,
+        graph_signature=ExportGraphSignature(
+            input_specs, [OutputSpec(OutputKind.USER_OUTPUT, argument(n), None) for n in outputs]
+        ),
+        state_dict=state_dict,
+        range_constraints=dict(range_constraints),
+        module_call_graph=[ModuleCallEntry("", signature)],
+        constants=constants,
+        verifiers=verifiers,
+    )
 
 
 def rebuild_program(

@@ -15,20 +15,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
 
-import torch
-import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
-from torch.export.exported_program import ModuleCallEntry, ModuleCallSignature
 from torch.export.graph_signature import (
-    ExportGraphSignature,
     InputKind,
-    InputSpec,
-    OutputKind,
-    OutputSpec,
-    SymIntArgument,
-    TensorArgument,
 )
 from torch.fx import GraphModule, Node
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions, validate_partition
@@ -36,6 +26,7 @@ from torch.fx.passes.utils.fuser_utils import fuse_by_partitions, validate_parti
 from nativert._program import (
     ARG_NAME_KEY,
     WEIGHT_KINDS,
+    program_from_graph,
     rebuild_program,
     remember_input_names,
 )
@@ -47,12 +38,6 @@ from nativert.partitioner.base import REASON_KEY, TAG_KEY, DelegationSpec
 
 _SEGMENT_PREFIX = "_nativert_segment_"
 logger = logging.getLogger("nativert")
-
-
-def _argument(node: Node) -> TensorArgument | SymIntArgument:
-    if isinstance(node.meta.get("val"), torch.SymInt):
-        return SymIntArgument(name=node.name)
-    return TensorArgument(name=node.name)
 
 
 def check_tags(
@@ -137,48 +122,13 @@ def _segment_program(
     for inner, _, _ in ordered:
         anchor.prepend(inner)
 
-    input_specs = []
-    state_dict: dict[str, torch.Tensor] = {}
-    constants: dict[str, Any] = {}
-    for inner, _, spec in owned:
-        input_specs.append(
-            InputSpec(spec.kind, TensorArgument(name=inner.name), spec.target, spec.persistent)
-        )
-        if spec.target in program.state_dict:
-            state_dict[spec.target] = program.state_dict[spec.target]
-        else:
-            constants[spec.target] = program.constants[spec.target]
-    for inner, _, _ in inputs:
-        input_specs.append(InputSpec(InputKind.USER_INPUT, _argument(inner), None))
-
-    output_node = sub_gm.graph.output_node()
-    outputs = list(output_node.args[0])
-    output_specs = [OutputSpec(OutputKind.USER_OUTPUT, _argument(n), None) for n in outputs]
     sub_gm.graph.lint()
     sub_gm.recompile()
-
-    input_vals = tuple(inner.meta.get("val") for inner, _, _ in inputs)
-    in_spec = pytree.tree_flatten((input_vals, {}))[1]
-    out_spec = pytree.tree_flatten(tuple(n.meta.get("val") for n in outputs))[1]
-    call_graph = [
-        ModuleCallEntry(
-            "",
-            ModuleCallSignature(
-                inputs=[_argument(inner) for inner, _, _ in inputs],
-                outputs=[_argument(n) for n in outputs],
-                in_spec=in_spec,
-                out_spec=out_spec,
-            ),
-        )
-    ]
-    segment = ExportedProgram(
-        root=sub_gm,
-        graph=sub_gm.graph,
-        graph_signature=ExportGraphSignature(input_specs, output_specs),
-        state_dict=state_dict,
-        range_constraints=dict(program.range_constraints),
-        module_call_graph=call_graph,
-        constants=constants,
+    segment = program_from_graph(
+        sub_gm,
+        [spec for _, _, spec in owned],
+        {**program.state_dict, **program.constants},
+        range_constraints=program.range_constraints,
         verifiers=program.verifiers,
     )
     outer_ordered = [outer for _, outer, _ in ordered]

@@ -24,21 +24,15 @@ import warnings
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
-from torch.export.exported_program import ModuleCallEntry, ModuleCallSignature
 from torch.export.graph_signature import (
-    ExportGraphSignature,
     InputKind,
     InputSpec,
-    OutputKind,
-    OutputSpec,
-    SymIntArgument,
     TensorArgument,
 )
 
-from nativert._program import WEIGHT_KINDS, rebuild_program
-from nativert.backend.delegate import CompileSpec, get_delegate
+from nativert._program import WEIGHT_KINDS, program_from_graph, rebuild_program
+from nativert.backend.delegate import CompileSpec, get_delegate, list_delegates
 from nativert.call_delegate import delegate_nodes, lowered_modules
 from nativert.errors import NativertError, UnknownDelegateError
 from nativert.lowered import DelegateRuntime, LoweredBackendModule
@@ -54,54 +48,22 @@ class PackageError(NativertError):
 
 
 # -- save ---------------------------------------------------------------------------------
-def _argument(node: torch.fx.Node) -> TensorArgument | SymIntArgument:
-    if isinstance(node.meta.get("val"), torch.SymInt):
-        return SymIntArgument(name=node.name)
-    return TensorArgument(name=node.name)
-
-
 def _program_with_inputs(
     segment: ExportedProgram, weights: list[dict], state: dict[str, Any]
 ) -> ExportedProgram:
-    """The segment with its first len(weights) placeholders as weights (from `state`) and the
-    rest user inputs; `weights=[]` gives the weight-free form that is saved."""
-    gm = copy.deepcopy(segment.graph_module)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    specs, state_dict, constants = [], {}, {}
-    for i, node in enumerate(placeholders):
-        if i < len(weights):
-            w = weights[i]
-            kind = InputKind[w["kind"]]
-            specs.append(
-                InputSpec(kind, TensorArgument(name=node.name), w["target"], w.get("persistent"))
-            )
-            persistent = kind == InputKind.PARAMETER or (
-                kind == InputKind.BUFFER and w.get("persistent")
-            )
-            source = w.get("source", w["target"])
-            (state_dict if persistent else constants)[w["target"]] = state[source]
-        else:
-            specs.append(InputSpec(InputKind.USER_INPUT, _argument(node), None))
-    outputs = list(gm.graph.output_node().args[0])
-    user = placeholders[len(weights) :]
-    in_spec = pytree.tree_flatten((tuple(n.meta.get("val") for n in user), {}))[1]
-    out_spec = pytree.tree_flatten(tuple(n.meta.get("val") for n in outputs))[1]
-    signature = ModuleCallSignature(
-        inputs=[_argument(n) for n in user],
-        outputs=[_argument(n) for n in outputs],
-        in_spec=in_spec,
-        out_spec=out_spec,
-    )
-    return ExportedProgram(
-        root=gm,
-        graph=gm.graph,
-        graph_signature=ExportGraphSignature(
-            specs, [OutputSpec(OutputKind.USER_OUTPUT, _argument(n), None) for n in outputs]
-        ),
-        state_dict=state_dict,
-        range_constraints=dict(segment.range_constraints),
-        module_call_graph=[ModuleCallEntry("", signature)],
-        constants=constants,
+    """The segment with its first len(weights) placeholders as weights (from `state`, by
+    each weight's program source) and the rest user inputs; `weights=[]` gives the
+    weight-free form that is saved."""
+    specs = [
+        InputSpec(InputKind[w["kind"]], TensorArgument(name=""), w["target"], w.get("persistent"))
+        for w in weights
+    ]
+    tensors = {w["target"]: state[w.get("source", w["target"])] for w in weights}
+    return program_from_graph(
+        copy.deepcopy(segment.graph_module),
+        specs,
+        tensors,
+        range_constraints=segment.range_constraints,
         verifiers=segment.verifiers,
     )
 
@@ -112,6 +74,7 @@ def save(program: ExportedProgram, path: str | os.PathLike) -> None:
 
     if not isinstance(program, ExportedProgram):
         raise TypeError(f"save needs an ExportedProgram, got {type(program).__name__}")
+    known = set(list_delegates())
     segments, payloads, entries = {}, {}, []
     targets = {
         s.arg.name: s.target for s in program.graph_signature.input_specs if s.kind in WEIGHT_KINDS
@@ -141,7 +104,7 @@ def save(program: ExportedProgram, path: str | os.PathLike) -> None:
             )
         segments[f"nativert_segment_{i}"] = _program_with_inputs(segment, [], {})
         payloads[f"nativert/{i}.bin"] = lowered.processed_bytes
-        delegate = get_delegate(lowered.backend_id) if lowered.backend_id in _known() else None
+        delegate = get_delegate(lowered.backend_id) if lowered.backend_id in known else None
         entries.append(
             {
                 "module_name": lowered.module_name,
@@ -172,12 +135,6 @@ def save(program: ExportedProgram, path: str | os.PathLike) -> None:
         extra_files={MANIFEST: json.dumps(manifest, indent=1)},
         executorch_files=payloads,
     )
-
-
-def _known() -> set[str]:
-    from nativert.backend.delegate import list_delegates
-
-    return set(list_delegates())
 
 
 # -- load ---------------------------------------------------------------------------------
