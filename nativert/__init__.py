@@ -17,6 +17,12 @@ from nativert.backend.delegate import (
     unregister_delegate,
 )
 from nativert.backend.delegates import register_builtin_delegates as _register_builtins
+from nativert.backend.dynamo import (
+    CompileOptions,
+    CompileReport,
+    compile_reports,
+    last_compile_report,
+)
 from nativert.backend.executor import Executor
 from nativert.backend.package import PackageError, load, save
 from nativert.backend.to_backend import to_backend
@@ -52,6 +58,8 @@ __all__ = [
     "AllNodePartitioner",
     "Availability",
     "CapabilityPartitioner",
+    "CompileOptions",
+    "CompileReport",
     "CompileSpec",
     "Delegate",
     "DelegateCallError",
@@ -73,9 +81,11 @@ __all__ = [
     "UnknownDelegateError",
     "WeightsError",
     "call_delegate",
+    "compile_reports",
     "delegate_nodes",
     "delegation_report",
     "get_delegate",
+    "last_compile_report",
     "list_delegates",
     "load",
     "lowered_modules",

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
 import nativert
+
+# torch.compile(backend="nativert") caches payloads on disk: never in the user's home from
+# tests. One directory per test session (subprocesses inherit it); tests that test the cache
+# pass their own cache_dir.
+os.environ["NATIVERT_CACHE_DIR"] = tempfile.mkdtemp(prefix="nativert-test-cache-")
 
 FLOAT32 = {"atol": 1e-5, "rtol": 1e-5}
 

@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -173,12 +173,10 @@ class Executor:
                 continue
             lowered = getattr(gm, node.args[0].target)
             passed = node.args[1 : 1 + lowered._num_weights]
-            missing = [a for a in passed if getattr(a, "name", None) not in targets]
-            if missing:
-                raise NativertError(
-                    f"delegate call {node.name!r}: its weight inputs {missing} are computed in "
-                    "the graph, not program weights; the Executor needs program weights there"
-                )
+            if any(getattr(a, "name", None) not in targets for a in passed):
+                # Its weights are inputs or computed (a lowered module traced by
+                # torch.compile): the call_delegate op binds them per call.
+                continue
             runner = _DelegateRunner(len(runners), lowered, tuple(targets[a.name] for a in passed))
             runners.append(runner)
             with graph.inserting_before(node):
@@ -192,7 +190,11 @@ class Executor:
 
     # -- running ---------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        flat = self._inputs.flatten(args, kwargs)
+        return self._pack(self.run_flat(self._inputs.flatten(args, kwargs)))
+
+    def run_flat(self, flat: Sequence[Any]) -> tuple[Any, ...]:
+        """Run on the flat user inputs, in placeholder order, without checking them (callers
+        that guard inputs themselves, like torch.compile); return every graph output."""
         gen = self._gen  # one snapshot for the whole call
         self._frames.acquire()
         try:
@@ -211,7 +213,7 @@ class Executor:
                     gen.weights[j].copy_(outputs[i])
                 for i, j in self._input_mutations:
                     flat[j].copy_(outputs[i])
-        return self._pack(outputs)
+        return outputs
 
     def _make_pack(self):
         """Outputs -> the user's structure; plain tuples and single tensors skip pytree."""

@@ -14,7 +14,7 @@ is duplicated in memory and gradients reach every parameter. Mutations stay at t
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from torch.export import ExportedProgram
 from torch.export.graph_signature import (
@@ -30,6 +30,7 @@ from nativert._program import (
     rebuild_program,
     remember_input_names,
 )
+from nativert.backend.cache import PayloadCache, segment_key
 from nativert.backend.delegate import get_delegate, require_available
 from nativert.call_delegate import HOP_NAME, call_delegate
 from nativert.errors import DelegateCompileError, PartitionError
@@ -149,10 +150,23 @@ def compile_segment(
     owns_weights: bool = False,
     mutated_arg_indices: Sequence[int] = (),
     state_arg_indices: Sequence[int] = (),
+    cache: PayloadCache | None = None,
 ) -> LoweredBackendModule:
-    """Run the delegate's preprocess on `segment` and wrap the payload in a lowered module."""
+    """Run the delegate's preprocess on `segment` and wrap the payload in a lowered module.
+
+    With a `cache`, a payload compiled before for the same segment, specs and versions is
+    reused instead of compiling again."""
     delegate = get_delegate(spec.backend_id)
     require_available(delegate)
+    key = None
+    if cache is not None:
+        versions = {"delegate": delegate.version, **getattr(delegate, "toolchain", dict)()}
+        key = segment_key(segment, spec.backend_id, versions, spec.compile_specs)
+        payload = cache.get(key)
+        if payload is not None:
+            return _lowered(
+                segment, spec, tag, payload, owns_weights, mutated_arg_indices, state_arg_indices
+            )
     try:
         payload = delegate.preprocess(segment, list(spec.compile_specs))
     except Exception as exc:
@@ -164,6 +178,14 @@ def compile_segment(
             f"delegate {spec.backend_id!r} failed to compile segment {tag!r} "
             f"(ops: {', '.join(ops)}): {detail}"
         ) from exc
+    if cache is not None:
+        cache.put(key, payload)
+    return _lowered(
+        segment, spec, tag, payload, owns_weights, mutated_arg_indices, state_arg_indices
+    )
+
+
+def _lowered(segment, spec, tag, payload, owns_weights, mutated_arg_indices, state_arg_indices):
     return LoweredBackendModule(
         backend_id=spec.backend_id,
         processed_bytes=payload,
@@ -174,6 +196,10 @@ def compile_segment(
         mutated_arg_indices=mutated_arg_indices,
         state_arg_indices=state_arg_indices,
     )
+
+
+def _log_fallback(exc: DelegateCompileError) -> None:
+    logger.warning("%s; the region stays in PyTorch (strict=True raises instead)", exc)
 
 
 def _inline(gm: GraphModule, call_node: Node, sub_gm: GraphModule, outer_args, reason: str):
@@ -202,12 +228,15 @@ def lower_tagged_program(
     tags: Mapping[str, DelegationSpec],
     *,
     strict: bool = False,
+    cache: PayloadCache | None = None,
+    on_fallback: Callable[[DelegateCompileError], None] | None = None,
 ) -> ExportedProgram:
     """Replace every tagged region of `program` (modified in place) by a delegate call.
 
     A region whose delegate fails to compile stays in PyTorch, with the reason on its nodes
-    (so the delegation report shows it) and a warning logged; with `strict=True` the
-    DelegateCompileError is raised instead.
+    (so the delegation report shows it) and `on_fallback(error)` called (default: a logged
+    warning); with `strict=True` the DelegateCompileError is raised instead. `cache`: see
+    compile_segment.
     """
     regions = check_tags(program, tags)
     gm = program.graph_module
@@ -248,11 +277,12 @@ def lower_tagged_program(
                 tag,
                 mutated_arg_indices=mutated_idx,
                 state_arg_indices=state_idx,
+                cache=cache,
             )
         except DelegateCompileError as exc:
             if strict:
                 raise
-            logger.warning("%s; the region stays in PyTorch (strict=True raises instead)", exc)
+            (on_fallback or _log_fallback)(exc)
             _inline(gm, call_node, sub_gm, outer_args, f"{exc}; kept in PyTorch")
             continue
         attr, n = f"lowered_{tag}", 0

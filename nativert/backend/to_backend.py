@@ -76,17 +76,22 @@ def _fingerprint(program: ExportedProgram) -> list[tuple[str, str, str]]:
     return [(n.name, n.op, str(n.target)) for n in program.graph.nodes]
 
 
-def _prepare(
+def prepare_program(
     program: ExportedProgram,
     candidates: Sequence[str],
     passes: Sequence[Pass | tuple[str, Pass]] | None,
+    *,
+    decompose: bool = True,
 ) -> ExportedProgram:
     """Decompose and run the pass pipeline; return a program of our own to tag and rewrite.
 
     Segments must be functional (mutations stay outside them), so a program still in training
-    IR is functionalized even when `passes=[]` turns the pipeline off.
+    IR is functionalized even when `passes=[]` turns the pipeline off. `decompose=False`: the
+    program is functional core ATen already (aot_autograd's graphs).
     """
-    if passes is None:
+    if not decompose:
+        passes = DEFAULT_PIPELINE if passes is None else passes
+    elif passes is None:
         preserve = _preserved_ops(candidates)
         program = decompose_to_core_aten(program, preserve=preserve).program
         passes = DEFAULT_PIPELINE
@@ -117,7 +122,7 @@ def _lower_partitioned(
             f"partitioner must have a partition(program) method, got {type(partitioner).__name__}"
         )
     candidates = getattr(partitioner, "delegates", None) or list_delegates(available_only=True)
-    program = _prepare(program, candidates, passes)
+    program = prepare_program(program, candidates, passes)
 
     before = _fingerprint(program)
     result = partitioner.partition(program)

@@ -12,6 +12,8 @@ from nativert.backend.delegate import CompileSpec
 
 TAG_KEY = "delegation_tag"
 REASON_KEY = "nativert_not_delegated"
+# A node whose meta has this key stays in PyTorch; the value is the reason reported.
+PIN_KEY = "nativert_keep_in_pytorch"
 
 
 @dataclasses.dataclass(frozen=True)

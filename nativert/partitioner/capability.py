@@ -28,7 +28,13 @@ from nativert.backend.delegate import (
 )
 from nativert.call_delegate import call_delegate
 from nativert.errors import NativertError
-from nativert.partitioner.base import REASON_KEY, TAG_KEY, DelegationSpec, PartitionResult
+from nativert.partitioner.base import (
+    PIN_KEY,
+    REASON_KEY,
+    TAG_KEY,
+    DelegationSpec,
+    PartitionResult,
+)
 from nativert.partitioner.support import INPUT_KIND_KEY
 
 OpLike = torch._ops.OpOverload | torch._ops.OpOverloadPacket | str
@@ -137,6 +143,9 @@ class CapabilityPartitioner:
             if isinstance(producer, Node) and producer.target is call_delegate:
                 return None
             node.meta[REASON_KEY] = "reads an output of a node kept in PyTorch"
+            return None
+        if node.meta.get(PIN_KEY):
+            node.meta[REASON_KEY] = node.meta[PIN_KEY]
             return None
         if _matches(node, self.exclude_ops):
             node.meta[REASON_KEY] = "excluded by user"

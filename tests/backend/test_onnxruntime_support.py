@@ -164,6 +164,12 @@ def test_every_table_op_has_a_sample():
     )
 
 
+def test_every_table_op_is_in_the_exporters_registry():
+    table = set(onnxruntime_support.build_table().ops())
+    missing = table - onnxruntime_support.exporter_ops()
+    assert not missing, f"torch.onnx cannot export {sorted(map(str, missing))}: drop them"
+
+
 def test_every_table_op_exports_and_runs_in_ort():
     torch.manual_seed(0)
     ops = sorted(SAMPLES, key=str)

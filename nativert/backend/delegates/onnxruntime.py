@@ -171,7 +171,9 @@ class OnnxRuntimeExecutor(StagedWeights):
         values = placeholder_values(reference)
         self._expected = dict(zip(self.weight_names, values[: len(self.weight_names)], strict=True))
         self._input_vals = values[len(self.weight_names) :]
-        self._external = _external_initializers(payload)
+        # Only segment weights are made external: without weights there is nothing to find
+        # (and no need to import onnx to parse the payload).
+        self._external = _external_initializers(payload) if self.weight_names else ()
         missing = sorted(set(self._external) - set(self.weight_names))
         if missing:
             raise DelegateCompileError(
@@ -203,18 +205,67 @@ class OnnxRuntimeExecutor(StagedWeights):
     def _output_specs(self, key: tuple) -> list[tuple[tuple[int, ...], torch.dtype]]:
         specs = self._shape_cache.get(key)
         if specs is None:
-            from torch._subclasses.fake_tensor import FakeTensorMode
-
-            with FakeTensorMode():
-                weights = [torch.empty(v.shape, dtype=v.dtype) for v in self._expected.values()]
-                args = [
-                    torch.empty(shape, dtype=dtype) if isinstance(shape, tuple) else shape
-                    for shape, dtype in key
-                ]
-                outs = self._reference.graph_module(*weights, *args)
-            specs = [(tuple(int(d) for d in o.shape), o.dtype) for o in outs]
+            specs = self._specs_from_symbols(key) or self._specs_from_fake_run(key)
             self._shape_cache[key] = specs
         return specs
+
+    def _specs_from_symbols(self, key: tuple) -> list | None:
+        """Output shapes by evaluating the reference outputs' symbolic dims at the input
+        sizes; None when some output dim is not determined by input dims."""
+        import sympy
+
+        env = {}
+        for val, (shape, _) in zip(self._input_vals, key, strict=True):
+            dims = (
+                zip(val.shape, shape, strict=True)
+                if isinstance(val, torch.Tensor)
+                else [(val, shape)]
+            )
+            for dim, size in dims:
+                if isinstance(dim, torch.SymInt) and dim.node.expr.is_Symbol:
+                    env[dim.node.expr] = sympy.Integer(size)
+        specs = []
+        for out in self._reference.graph.output_node().args[0]:
+            val = out.meta.get("val") if isinstance(out, Node) else None
+            if not isinstance(val, torch.Tensor):
+                return None
+            shape = []
+            for dim in val.shape:
+                if isinstance(dim, torch.SymInt):
+                    expr = dim.node.expr.xreplace(env)
+                    if not expr.is_Integer:
+                        return None
+                    dim = int(expr)
+                shape.append(dim)
+            specs.append((tuple(shape), val.dtype))
+        return specs
+
+    def _specs_from_fake_run(self, key: tuple) -> list:
+        """Output shapes by running the reference graph on fake inputs of these sizes (with
+        the strides the reference was traced with, when the sizes are the traced ones: its
+        views may depend on them)."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        def fake(val: Any, shape: Any, dtype: torch.dtype) -> Any:
+            if not isinstance(shape, tuple):
+                return shape
+            if isinstance(val, torch.Tensor) and tuple(val.shape) == shape:
+                try:
+                    return torch.empty_strided(
+                        shape, tuple(int(s) for s in val.stride()), dtype=dtype
+                    )
+                except TypeError:  # symbolic strides
+                    pass
+            return torch.empty(shape, dtype=dtype)
+
+        with FakeTensorMode():
+            weights = [torch.empty(v.shape, dtype=v.dtype) for v in self._expected.values()]
+            args = [
+                fake(val, shape, dtype)
+                for val, (shape, dtype) in zip(self._input_vals, key, strict=True)
+            ]
+            outs = self._reference.graph_module(*weights, *args)
+        return [(tuple(int(d) for d in o.shape), o.dtype) for o in outs]
 
     def _plan(self, compiled: _Compiled, key: tuple, inputs: Sequence[Any]) -> _Plan:
         binding = compiled.session.io_binding()
@@ -291,6 +342,18 @@ class OnnxRuntimeExecutor(StagedWeights):
 class OnnxRuntimeDelegate:
     backend_id = "onnxruntime"
     version = "1"
+
+    def toolchain(self) -> dict[str, str]:
+        """Versions of the exporter and runtime: part of the compile cache key."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        versions = {}
+        for package in ("onnx", "onnxscript", "onnxruntime"):
+            try:
+                versions[package] = version(package)
+            except PackageNotFoundError:
+                versions[package] = "missing"
+        return versions
 
     def is_available(self) -> Availability:
         missing = [
