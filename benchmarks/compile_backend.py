@@ -163,7 +163,9 @@ def main() -> None:
     cache = cache_times()
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "command": f"python benchmarks/compile_backend.py --runs {args.runs} --rounds {args.rounds}",
+        "command": (
+            f"python benchmarks/compile_backend.py --runs {args.runs} --rounds {args.rounds}"
+        ),
         "machine": machine(),
         "torch": torch.__version__,
         "onnxruntime": __import__("onnxruntime").__version__,

@@ -227,9 +227,14 @@ def nativert_backend(
 
     settings = CompileOptions.from_options(options)
     report = _new_report(settings)
+    weights = _module_weights(gm, example_inputs)
     compilers = {
         f"{kind}_compiler": functools.partial(
-            _compile_aten, kind=kind, settings=settings, report=report
+            _compile_aten,
+            kind=kind,
+            settings=settings,
+            report=report,
+            weights=weights if kind == "inference" else {},
         )
         for kind in ("fw", "bw", "inference")
     }
@@ -299,8 +304,17 @@ def _compile_aten(
     kind: str,
     settings: CompileOptions,
     report: CompileReport,
+    weights: Mapping[int, tuple[str, torch.Tensor]],
 ) -> Any:
-    """aot_autograd's compiler: one functional ATen graph -> a boxed callable."""
+    """aot_autograd's compiler: one functional ATen graph -> a boxed callable.
+
+    `weights`: Dynamo input index -> (name, tensor) for module parameters and buffers. In an
+    inference graph they become the program's weights, so delegates own them (ONNX Runtime
+    takes them as initializers: prepacked, fused). They are still passed on every call: a
+    call with other tensors, or after an in-place change, restages the delegates first.
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     from nativert.backend.executor import Executor
     from nativert.backend.lowering import lower_tagged_program
     from nativert.backend.to_backend import prepare_program
@@ -308,7 +322,8 @@ def _compile_aten(
     from nativert.partitioner.report import delegation_report
 
     start = time.perf_counter()
-    program, template = _program_from_aten(gm, example_inputs)
+    weights = _unmutated(weights, len(example_inputs))
+    program, template, order = _program_from_aten(gm, example_inputs, weights)
     partitioner = CapabilityPartitioner(
         settings.delegates,
         min_block_size=settings.min_block_size,
@@ -329,15 +344,17 @@ def _compile_aten(
             _warned.add(message)
             logger.warning("%s", message)
 
-    lowered = lower_tagged_program(
-        result.tagged_program,
-        result.tags,
-        strict=settings.strict,
-        cache=cache,
-        on_fallback=on_fallback,
-    )
-    _relax_views(lowered.graph_module)
-    executor = Executor(lowered)
+    # aot_autograd calls us under its fake mode; delegates get real weights.
+    with unset_fake_temporarily():
+        lowered = lower_tagged_program(
+            result.tagged_program,
+            result.tags,
+            strict=settings.strict,
+            cache=cache,
+            on_fallback=on_fallback,
+        )
+        _relax_views(lowered.graph_module)
+        executor = Executor(lowered)
     report.graphs.append(
         GraphCompile(
             kind=_KINDS[kind],
@@ -349,7 +366,7 @@ def _compile_aten(
             cache_misses=cache.stats.misses if cache else 0,
         )
     )
-    run = executor.run_flat
+    run = _runner(executor, order, weights)
     if template is None:
 
         def compiled(args: list) -> Any:
@@ -368,6 +385,80 @@ def _compile_aten(
     return compiled
 
 
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter
+        return -1
+
+
+def _runner(executor: Any, order: list[int], weights: Mapping[int, tuple[str, torch.Tensor]]):
+    """args -> outputs: user inputs to the Executor, weights checked against its own."""
+    run_flat = executor.run_flat
+    if not weights:
+        return run_flat
+    user = [i for i in order if i not in weights]
+    names = [weights[i][0] for i in sorted(weights)]
+    positions = sorted(weights)
+    bound = [(weights[i][1], _version(weights[i][1])) for i in positions]
+    lock = threading.Lock()
+
+    def run(args: list) -> Any:
+        for (tensor, version), i in zip(bound, positions, strict=True):
+            given = args[i]
+            if given is not tensor or _version(given) != version:
+                restage(args)
+                break
+        return run_flat([args[i] for i in user])
+
+    def restage(args: list) -> None:
+        # The module's weights were replaced or changed in place since the last call.
+        with lock:
+            current = [args[i] for i in positions]
+            executor.update_weights(dict(zip(names, current, strict=True)), strict=False)
+            bound[:] = [(t, _version(t)) for t in current]
+
+    return run
+
+
+def _module_weights(gm: GraphModule, example_inputs: Sequence[Any]) -> dict:
+    """Dynamo input index -> (name, tensor) for inputs that are module parameters or buffers
+    (Dynamo lifts them to inputs; their source says where they came from)."""
+    import re
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):
+        return {}
+    weights = {}
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs, strict=True)):
+        grapharg = node.meta.get("grapharg")
+        source = getattr(grapharg, "source", None)
+        name = source.name if source is not None else ""
+        name = name() if callable(name) else name
+        if not isinstance(value, torch.Tensor) or not re.search(r"\._(parameters|buffers)\[", name):
+            continue
+        keys = [k for k in re.findall(r"\['([^']*)'\]", name) if k != "self"]
+        weights[i] = (".".join(keys) or node.name, value)
+    return weights
+
+
+def _unmutated(weights: Mapping[int, tuple[str, torch.Tensor]], count: int) -> dict:
+    """Drop weights the graph mutates (they change every call: inputs, not weights), and all
+    of them if aot_autograd's view of the inputs does not line up with Dynamo's."""
+    if not weights:
+        return {}
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    metadata = getattr(context, "fw_metadata", None)
+    infos = getattr(metadata, "input_info", None)
+    if infos is None or len(infos) != count:
+        return {}
+    return {
+        i: w for i, w in weights.items() if not (infos[i].mutates_data or infos[i].mutates_metadata)
+    }
+
+
 def _candidates() -> list[str]:
     from nativert.backend.delegate import list_delegates
 
@@ -380,21 +471,38 @@ def _compile_specs(settings: CompileOptions) -> dict[str, dict[str, Any]]:
     return {"onnxruntime": {"intra_op_num_threads": settings.num_threads}}
 
 
-def _program_from_aten(gm: GraphModule, example_inputs: Sequence[Any]):
-    """An ExportedProgram (all placeholders user inputs) over a copy of an aot graph.
+def _program_from_aten(
+    gm: GraphModule,
+    example_inputs: Sequence[Any],
+    weights: Mapping[int, tuple[str, torch.Tensor]],
+):
+    """An ExportedProgram over a copy of an aot graph: `weights` (by input index) become
+    its parameters, moved first as ExportedProgram wants; the rest are user inputs. Also
+    returns the template of outputs and the input order (original indices, program order).
 
     aot graphs may return constants (None for inputs without gradient, plain ints); those
-    leave the program's outputs and come back through the returned template: one entry per
-    original output, None for "the next program output" or a 1-tuple holding the constant.
+    leave the program's outputs and come back through the template: one entry per original
+    output, None for "the next program output" or a 1-tuple holding the constant.
     """
     import copy
 
     from torch._export.verifier import Verifier
     from torch._guards import detect_fake_mode
+    from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 
     from nativert._program import program_from_graph
 
     gm = copy.deepcopy(gm)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    order = sorted(range(len(placeholders)), key=lambda i: (i not in weights, i))
+    users = [placeholders[i] for i in order if i not in weights]
+    if weights and users:
+        anchor = users[0]  # every weight moves before the first user input, in order
+        for i in order:
+            if i in weights:
+                anchor.prepend(placeholders[i])
+        gm.graph.lint()
+        gm.recompile()
     output = gm.graph.output_node()
     (values,) = output.args
     template: list[tuple[Any] | None] | None = None
@@ -417,8 +525,21 @@ def _program_from_aten(gm: GraphModule, example_inputs: Sequence[Any]):
                     for symbol in dim.node.expr.free_symbols:
                         if symbol in shape_env.var_to_range:
                             ranges[symbol] = shape_env.var_to_range[symbol]
-    program = program_from_graph(gm, [], {}, range_constraints=ranges, verifiers=[Verifier])
-    return program, template
+    specs = [
+        InputSpec(
+            InputKind.PARAMETER
+            if isinstance(weights[i][1], torch.nn.Parameter)
+            else InputKind.BUFFER,
+            TensorArgument(placeholders[i].name),
+            weights[i][0],
+            persistent=None if isinstance(weights[i][1], torch.nn.Parameter) else True,
+        )
+        for i in order
+        if i in weights
+    ]
+    tensors = dict(weights.values())
+    program = program_from_graph(gm, specs, tensors, range_constraints=ranges, verifiers=[Verifier])
+    return program, template, order
 
 
 def _is_view(node: Node) -> bool:

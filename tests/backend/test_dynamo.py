@@ -121,6 +121,24 @@ def test_inference_matches_eager(name):
     assert len(ort_sessions(graph.program)) == len(graph.report.regions)
 
 
+def test_inference_delegates_own_the_weights_and_follow_their_changes():
+    model, inputs = make("convnet")
+    compiled = compile_nativert(model)
+    with torch.no_grad():
+        assert_close(compiled(*inputs), model(*inputs))
+        (graph,) = last_compile_report().graphs
+        kinds = {s.kind.name for s in graph.program.graph_signature.input_specs}
+        assert kinds == {"PARAMETER", "BUFFER", "USER_INPUT"}, kinds  # ORT initializers
+
+        model.conv1.weight.mul_(0.5)  # in place
+        assert_close(compiled(*inputs), model(*inputs), what="after an in-place change")
+        state = {k: v + 0.1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        model.load_state_dict(state)
+        assert_close(compiled(*inputs), model(*inputs), what="after load_state_dict")
+        model.head.weight = nn.Parameter(torch.randn_like(model.head.weight))  # replaced
+        assert_close(compiled(*inputs), model(*inputs), what="after replacing a parameter")
+
+
 # -- training -----------------------------------------------------------------------------
 def _train_models():
     mlp, (x,) = make("mlp")
