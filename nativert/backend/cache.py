@@ -41,6 +41,19 @@ def default_cache_dir() -> Path:
     return Path(base) / "nativert"
 
 
+DEFAULT = "default"
+
+
+def payload_cache(cache_dir: str | os.PathLike | None) -> PayloadCache | None:
+    """The cache for a `cache_dir` setting: "default" (default_cache_dir()), a path, or None
+    for no cache."""
+    if cache_dir is None:
+        return None
+    if not isinstance(cache_dir, (str, os.PathLike)):
+        raise TypeError(f"cache_dir must be a path, 'default' or None, got {cache_dir!r}")
+    return PayloadCache(default_cache_dir() if cache_dir == DEFAULT else Path(cache_dir))
+
+
 def _value_text(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"{value.dtype}{list(value.shape)}stride{list(value.stride())}@{value.device.type}"

@@ -24,7 +24,6 @@ import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -113,12 +112,9 @@ class CompileOptions:
         return settings
 
     def cache(self):
-        from nativert.backend.cache import PayloadCache, default_cache_dir
+        from nativert.backend.cache import payload_cache
 
-        if self.cache_dir is None:
-            return None
-        directory = default_cache_dir() if self.cache_dir == _DEFAULT else Path(self.cache_dir)
-        return PayloadCache(directory)
+        return payload_cache(self.cache_dir)
 
 
 def _check_int(values: dict, key: str, *, minimum: int, optional: bool = False) -> None:

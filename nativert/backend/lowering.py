@@ -155,10 +155,13 @@ def compile_segment(
     """Run the delegate's preprocess on `segment` and wrap the payload in a lowered module.
 
     With a `cache`, a payload compiled before for the same segment, specs and versions is
-    reused instead of compiling again."""
+    reused instead of compiling again, for delegates that declare `cacheable = True` (their
+    payloads depend only on what the key covers: never on weight values)."""
     delegate = get_delegate(spec.backend_id)
     require_available(delegate)
     key = None
+    if cache is not None and not getattr(delegate, "cacheable", False):
+        cache = None  # its payload may depend on more than the key (e.g. weight values)
     if cache is not None:
         versions = {"delegate": delegate.version, **getattr(delegate, "toolchain", dict)()}
         key = segment_key(segment, spec.backend_id, versions, spec.compile_specs)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, overload
 
 from torch.export import ExportedProgram
 
 from nativert._program import copy_graph_module, rebuild_program
+from nativert.backend.cache import payload_cache
 from nativert.backend.delegate import dict_to_specs, get_delegate, list_delegates, require_available
 from nativert.backend.lowering import compile_segment, lower_tagged_program
 from nativert.errors import LoweringError, PartitionError
@@ -25,6 +27,7 @@ def to_backend(
     *,
     passes: Sequence[Pass | tuple[str, Pass]] | None = None,
     strict: bool = False,
+    cache_dir: str | os.PathLike | None = "default",
 ) -> ExportedProgram: ...
 
 
@@ -34,6 +37,7 @@ def to_backend(
     program: ExportedProgram,
     *,
     compile_specs: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = "default",
 ) -> LoweredBackendModule: ...
 
 
@@ -46,7 +50,9 @@ def to_backend(first: Any, second: Any = None, **kwargs: Any) -> Any:
     supports it) and returns an ExportedProgram whose regions run through `call_delegate`.
     A region whose delegate fails to compile stays in PyTorch with a logged warning and the
     reason in the delegation report; `strict=True` raises DelegateCompileError instead. The
-    program passed in is not modified. `to_backend("eager", ep)` lowers the whole program to
+    program passed in is not modified. Compiled payloads are cached on disk (`cache_dir`:
+    "default" is $NATIVERT_CACHE_DIR or ~/.cache/nativert, shared with torch.compile; None
+    turns the cache off). `to_backend("eager", ep)` lowers the whole program to
     one delegate and returns a LoweredBackendModule; calling it runs the program.
 
     Example::
@@ -108,7 +114,9 @@ def _lower_partitioned(
     *,
     passes: Sequence[Pass | tuple[str, Pass]] | None = None,
     strict: bool = False,
+    cache_dir: str | os.PathLike | None = "default",
 ) -> ExportedProgram:
+    cache = payload_cache(cache_dir)
     if partitioner is None:
         partitioner = CapabilityPartitioner()
     if isinstance(partitioner, str):  # str has a .partition method: catch it by name
@@ -132,7 +140,7 @@ def _lower_partitioned(
             f"partitioner {type(partitioner).__name__} changed the program; partitioners may "
             "only set node.meta['delegation_tag'] on the program they are given"
         )
-    return lower_tagged_program(tagged, result.tags, strict=strict)
+    return lower_tagged_program(tagged, result.tags, strict=strict, cache=cache)
 
 
 def _lower_whole(
@@ -140,7 +148,9 @@ def _lower_whole(
     program: ExportedProgram,
     *,
     compile_specs: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = "default",
 ) -> LoweredBackendModule:
+    cache = payload_cache(cache_dir)
     if not isinstance(program, ExportedProgram):
         raise TypeError(
             f"to_backend({backend_id!r}, program) needs an ExportedProgram, "
@@ -164,4 +174,4 @@ def _lower_whole(
             "supports"
         )
     spec = DelegationSpec(backend_id, tuple(dict_to_specs(compile_specs)))
-    return compile_segment(program, spec, f"{backend_id}_program", owns_weights=True)
+    return compile_segment(program, spec, f"{backend_id}_program", owns_weights=True, cache=cache)

@@ -88,7 +88,8 @@ class CapabilityPartitioner:
 
     Args:
         delegates: backend ids in priority order; default every available delegate except
-            reference ones (eager), which are used only when nothing else is available.
+            reference ones (eager), which are used only when nothing else is available, and
+            opt-in ones (aoti: compiles take seconds), used only when named.
         min_block_size: regions with fewer compute nodes stay in PyTorch.
         exclude_ops: ops ("aten::name" or OpOverload) that always stay in PyTorch.
         allow_single_node_ops: ops whose regions are kept even below min_block_size
@@ -122,7 +123,11 @@ class CapabilityPartitioner:
 
     def _resolve(self) -> list[Delegate]:
         if self.delegates is None:
-            available = [get_delegate(b) for b in list_delegates(available_only=True)]
+            available = [
+                get_delegate(b)
+                for b in list_delegates(available_only=True)
+                if getattr(get_delegate(b), "default_candidate", True)
+            ]
             fast = [d for d in available if not getattr(d, "reference", False)]
             return fast or available
         chosen = [get_delegate(b) for b in self.delegates]

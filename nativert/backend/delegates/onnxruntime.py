@@ -342,6 +342,7 @@ class OnnxRuntimeExecutor(StagedWeights):
 class OnnxRuntimeDelegate:
     backend_id = "onnxruntime"
     version = "1"
+    cacheable = True  # payloads carry no weight data
 
     def toolchain(self) -> dict[str, str]:
         """Versions of the exporter and runtime: part of the compile cache key."""
