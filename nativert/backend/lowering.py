@@ -233,13 +233,14 @@ def lower_tagged_program(
     strict: bool = False,
     cache: PayloadCache | None = None,
     on_fallback: Callable[[DelegateCompileError], None] | None = None,
+    on_region: Callable[[str, DelegationSpec], None] | None = None,
 ) -> ExportedProgram:
     """Replace every tagged region of `program` (modified in place) by a delegate call.
 
     A region whose delegate fails to compile stays in PyTorch, with the reason on its nodes
     (so the delegation report shows it) and `on_fallback(error)` called (default: a logged
     warning); with `strict=True` the DelegateCompileError is raised instead. `cache`: see
-    compile_segment.
+    compile_segment. `on_region(tag, spec)` is called as each region is done (progress).
     """
     regions = check_tags(program, tags)
     gm = program.graph_module
@@ -287,7 +288,11 @@ def lower_tagged_program(
                 raise
             (on_fallback or _log_fallback)(exc)
             _inline(gm, call_node, sub_gm, outer_args, f"{exc}; kept in PyTorch")
+            if on_region is not None:
+                on_region(tag, tags[tag])
             continue
+        if on_region is not None:
+            on_region(tag, tags[tag])
         attr, n = f"lowered_{tag}", 0
         while hasattr(gm, attr):  # a program lowered again keeps its earlier delegates
             n += 1

@@ -110,6 +110,7 @@ def save(program: ExportedProgram, path: str | os.PathLike) -> None:
                 "module_name": lowered.module_name,
                 "backend_id": lowered.backend_id,
                 "delegate_version": getattr(delegate, "version", "unknown"),
+                "toolchain": getattr(delegate, "toolchain", dict)() if delegate else {},
                 "compile_specs": [[s.key, s.value] for s in lowered.compile_specs],
                 "program": f"nativert_segment_{i}",
                 "payload": f"nativert/{i}.bin",
@@ -138,6 +139,25 @@ def save(program: ExportedProgram, path: str | os.PathLike) -> None:
 
 
 # -- load ---------------------------------------------------------------------------------
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The nativert manifest of a package (delegates, versions, specs), without loading it."""
+    from torch.export.pt2_archive._package import PT2ArchiveReader
+    from torch.export.pt2_archive.constants import EXTRA_DIR
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise PackageError(f"{path}: no such file")
+    try:
+        with PT2ArchiveReader(path) as reader:
+            if f"{EXTRA_DIR}{MANIFEST}" not in set(reader.get_file_names()):
+                raise PackageError(f"{path} has no nativert manifest: not written by nativert")
+            return json.loads(reader.read_string(f"{EXTRA_DIR}{MANIFEST}"))
+    except PackageError:
+        raise
+    except Exception as exc:
+        raise PackageError(f"{path}: cannot read its manifest: {exc}") from exc
+
+
 def _refuse_pickles(reader: Any, name: str, path: str) -> None:
     from torch.export.pt2_archive import _package as pt2
     from torch.export.pt2_archive.constants import (

@@ -28,6 +28,7 @@ def to_backend(
     passes: Sequence[Pass | tuple[str, Pass]] | None = None,
     strict: bool = False,
     cache_dir: str | os.PathLike | None = "default",
+    progress: bool = False,
 ) -> ExportedProgram: ...
 
 
@@ -52,7 +53,8 @@ def to_backend(first: Any, second: Any = None, **kwargs: Any) -> Any:
     reason in the delegation report; `strict=True` raises DelegateCompileError instead. The
     program passed in is not modified. Compiled payloads are cached on disk (`cache_dir`:
     "default" is $NATIVERT_CACHE_DIR or ~/.cache/nativert, shared with torch.compile; None
-    turns the cache off). `to_backend("eager", ep)` lowers the whole program to
+    turns the cache off). `progress=True` shows a progress bar (tqdm, on stderr) over the
+    regions as they compile. `to_backend("eager", ep)` lowers the whole program to
     one delegate and returns a LoweredBackendModule; calling it runs the program.
 
     Example::
@@ -115,6 +117,7 @@ def _lower_partitioned(
     passes: Sequence[Pass | tuple[str, Pass]] | None = None,
     strict: bool = False,
     cache_dir: str | os.PathLike | None = "default",
+    progress: bool = False,
 ) -> ExportedProgram:
     cache = payload_cache(cache_dir)
     if partitioner is None:
@@ -140,7 +143,19 @@ def _lower_partitioned(
             f"partitioner {type(partitioner).__name__} changed the program; partitioners may "
             "only set node.meta['delegation_tag'] on the program they are given"
         )
-    return lower_tagged_program(tagged, result.tags, strict=strict, cache=cache)
+    if not progress or not result.tags:
+        return lower_tagged_program(tagged, result.tags, strict=strict, cache=cache)
+    from tqdm import tqdm
+
+    with tqdm(total=len(result.tags), desc="compiling partitions", unit="region") as bar:
+
+        def advance(tag: str, spec: DelegationSpec) -> None:
+            bar.set_postfix_str(f"{tag} ({spec.backend_id})")
+            bar.update(1)
+
+        return lower_tagged_program(
+            tagged, result.tags, strict=strict, cache=cache, on_region=advance
+        )
 
 
 def _lower_whole(

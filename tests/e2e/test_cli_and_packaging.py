@@ -1,4 +1,5 @@
-"""The installed package: console script, `python -m nativert`, the reserved Dynamo entry point."""
+"""The installed package: console script, `python -m nativert`, the Dynamo entry point, and
+the CLI commands on a user's model factory."""
 
 from __future__ import annotations
 
@@ -38,3 +39,102 @@ def test_console_script_is_installed():
     assert path.exists(), f"console script missing at {path}"
     result = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "demo" in result.stdout
+
+
+FACTORIES = """
+import torch
+
+
+def make():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    return model, (torch.randn(3, 8),)
+
+
+def not_a_pair():
+    return 3
+
+
+def data_dependent():
+    class Branch(torch.nn.Module):
+        def forward(self, x):
+            return x + 1 if x.sum() > 0 else x - 1
+
+    return Branch(), (torch.randn(2),)
+"""
+
+
+def nativert_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "nativert", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+
+
+def test_lower_inspect_and_bench_a_user_factory(tmp_path):
+    import json
+
+    import torch
+
+    import nativert
+
+    (tmp_path / "factories.py").write_text(FACTORIES)
+    lowered = nativert_cli(
+        "lower", "factories.py:make", "-o", "m.pt2", "--dynamic-batch", cwd=tmp_path
+    )
+    assert lowered.returncode == 0, lowered.stderr
+    assert "Delegation report: 3 of 3 nodes delegated" in lowered.stdout
+    assert "compiling partitions" in lowered.stderr  # the progress bar
+    assert (tmp_path / "m.pt2").is_file()
+
+    inspected = nativert_cli("inspect", "m.pt2", "--json", cwd=tmp_path)
+    assert inspected.returncode == 0, inspected.stderr
+    info = json.loads(inspected.stdout)
+    (delegate,) = info["delegates"]
+    assert delegate["backend_id"] == "onnxruntime" and delegate["payload_bytes"] > 0
+    assert "onnxruntime" in delegate["toolchain"]
+    (x,) = info["inputs"]
+    assert x["dtype"] == "float32" and isinstance(x["shape"][0], str) and x["shape"][1] == 8
+    assert info["report"]["delegated_nodes"] == 3
+
+    text = nativert_cli("inspect", "m.pt2", cwd=tmp_path)
+    assert "delegate onnxruntime_0: onnxruntime v1" in text.stdout
+
+    benched = nativert_cli(
+        "bench", "m.pt2", "--runs", "20", "--threads", "2", "--profile", cwd=tmp_path
+    )
+    assert benched.returncode == 0, benched.stderr
+    assert "latency us: p50" in benched.stdout and "calls/s" in benched.stdout
+    assert "delegate 'onnxruntime'" in benched.stdout  # the profile
+
+    # The saved program is the factory's model, at another batch size.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    x = torch.randn(6, 8)
+    with torch.no_grad():
+        got = nativert.Executor(nativert.load(tmp_path / "m.pt2"))(x)
+        assert torch.allclose(got, model(x), atol=1e-5)
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    (tmp_path / "factories.py").write_text(FACTORIES)
+    cases = {
+        ("lower", "missing.py:make", "-o", "x.pt2"): "missing.py: no such file",
+        ("lower", "factories.py:nope", "-o", "x.pt2"): "has no function 'nope'",
+        ("lower", "factories.py:not_a_pair", "-o", "x.pt2"): "must return (model, example_args)",
+        ("lower", "factories.py:data_dependent", "-o", "x.pt2"): "torch.export failed",
+        ("lower", "factories.py", "-o", "x.pt2"): "expected FILE.py:FACTORY",
+        ("inspect", "missing.pt2"): "missing.pt2: no such file",
+        ("bench", "factories.py"): "not a readable .pt2 archive",
+    }
+    for args, message in cases.items():
+        result = nativert_cli(*args, cwd=tmp_path)
+        assert result.returncode == 1, (args, result.stdout)
+        errors = [line for line in result.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1 and message in errors[0], (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, args
+    debug = nativert_cli("--debug", "inspect", "missing.pt2", cwd=tmp_path)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

@@ -48,6 +48,13 @@ _TRT_TO_TORCH = {
 _MAX_DYNAMIC = 4096  # upper bound of a profile for dims the program leaves unbounded
 
 
+def _finite(bound: Any) -> int | None:
+    try:
+        return int(bound)
+    except (TypeError, ValueError, OverflowError, AttributeError):  # int_oo and friends
+        return None
+
+
 def _input_specs(program: ExportedProgram) -> list[Any]:
     """torch_tensorrt.Input per user input: static shapes, or min/opt/max for dynamic dims."""
     import torch_tensorrt
@@ -61,9 +68,9 @@ def _input_specs(program: ExportedProgram) -> list[Any]:
         for dim in value.shape:
             if isinstance(dim, torch.SymInt):
                 ranges = program.range_constraints.get(dim.node.expr)
-                lower = max(1, int(ranges.lower)) if ranges is not None else 1
-                upper = ranges.upper if ranges is not None else _MAX_DYNAMIC
-                upper = min(int(upper), _MAX_DYNAMIC) if upper.is_finite else _MAX_DYNAMIC
+                lower = max(1, _finite(ranges.lower) or 1) if ranges is not None else 1
+                upper = _finite(ranges.upper) if ranges is not None else None
+                upper = min(upper, _MAX_DYNAMIC) if upper is not None else _MAX_DYNAMIC
                 hint = dim.node.hint if dim.node.hint is not None else lower
                 low.append(lower)
                 opt.append(min(max(int(hint), lower), upper))
