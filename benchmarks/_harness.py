@@ -26,14 +26,35 @@ def interleaved_medians(
     cases: dict[str, Callable[[], object]], *, runs: int, rounds: int, warmup: int = 100
 ) -> dict[str, float]:
     """Median us per call for each case, rounds interleaved so drift hits all cases alike."""
+    stats = interleaved_stats(cases, runs=runs, rounds=rounds, warmup=warmup)
+    return {name: v["median_us"] for name, v in stats.items()}
+
+
+def interleaved_stats(
+    cases: dict[str, Callable[[], object]],
+    *,
+    runs: int,
+    rounds: int,
+    warmup: int = 20,
+    settle_s: float = 0.05,
+) -> dict[str, dict[str, float]]:
+    """Median and min (over rounds) of us per call for each case, rounds interleaved.
+
+    Between cases the process sleeps `settle_s`: ONNX Runtime's and OpenMP's worker threads
+    spin for a while after a call, and on 2 cores that spinning slowed whichever case ran
+    next (eager looked up to 3x slower right after an ORT case)."""
     with torch.no_grad():
         for fn in cases.values():
             time_us(fn, warmup)
         samples: dict[str, list[float]] = {name: [] for name in cases}
         for _ in range(rounds):
             for name, fn in cases.items():
+                time.sleep(settle_s)
+                fn()  # one untimed call: wakes this runtime's threads
                 samples[name].append(time_us(fn, runs))
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return {
+        name: {"median_us": statistics.median(v), "min_us": min(v)} for name, v in samples.items()
+    }
 
 
 def machine() -> str:

@@ -1,0 +1,201 @@
+"""The benchmark suite: nine models, six ways to run each, one interleaved run per model.
+
+    python benchmarks/suite.py [--runs 50] [--rounds 5] [--models mlp,bert,...]
+
+Ways to run (each compiled from the same model and inputs; inference, no grad):
+  eager              the PyTorch model
+  inductor           torch.compile(model) (Inductor, default settings)
+  plain_ort          the whole model through torch.onnx.export, one ONNX Runtime session
+                     called with IOBinding (fresh output per call)
+  aoti               the whole model through AOTInductor (aoti_compile_and_package)
+  nativert_compile   torch.compile(model, backend="nativert"), payload cache off
+  nativert_executor  nativert.Executor(nativert.to_backend(torch.export.export(...))),
+                     payload cache off
+Per model and way: compile time, median and min latency (over rounds of `runs` calls),
+speed-up over eager, max abs error against eager, or the failure. Writes
+benchmarks/results/suite.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from _harness import interleaved_stats, machine, write
+
+import nativert
+
+sys.path.insert(0, str(Path(__file__).parent))
+from models import SUITE, make  # noqa: E402
+
+_NP = {torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32}
+
+
+def plain_ort(model, inputs, expected):
+    import onnxruntime as ort
+
+    onnx_program = torch.onnx.export(torch.export.export(model, inputs), dynamo=True, verbose=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(
+        onnx_program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    names = [i.name for i in session.get_inputs()]
+    (out_name,) = [o.name for o in session.get_outputs()]
+    binding = session.io_binding()
+
+    def run():
+        out = torch.empty(expected.shape, dtype=expected.dtype)
+        for name, x in zip(names, inputs, strict=True):
+            binding.bind_input(name, "cpu", 0, _NP[x.dtype], x.shape, x.data_ptr())
+        binding.bind_output(out_name, "cpu", 0, _NP[out.dtype], out.shape, out.data_ptr())
+        session.run_with_iobinding(binding)
+        return out
+
+    return run
+
+
+def aoti(model, inputs, expected):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = torch._inductor.aoti_compile_and_package(
+            torch.export.export(model, inputs), package_path=f"{directory}/model.pt2"
+        )
+        compiled = torch._inductor.aoti_load_package(path)
+    return lambda: compiled(*inputs)
+
+
+def inductor(model, inputs, expected):
+    compiled = torch.compile(model)
+    compiled(*inputs)
+    return lambda: compiled(*inputs)
+
+
+def nativert_compile(model, inputs, expected):
+    compiled = torch.compile(model, backend="nativert", options={"cache_dir": None})
+    compiled(*inputs)
+    return lambda: compiled(*inputs)
+
+
+def nativert_executor(model, inputs, expected):
+    program = nativert.to_backend(torch.export.export(model, inputs), cache_dir=None)
+    executor = nativert.Executor(program)
+    return lambda: executor(*inputs)
+
+
+WAYS = {
+    "inductor": inductor,
+    "plain_ort": plain_ort,
+    "aoti": aoti,
+    "nativert_compile": nativert_compile,
+    "nativert_executor": nativert_executor,
+}
+
+
+def _failure(exc: BaseException) -> str:
+    """The exception and its root cause, one line each, without terminal colors."""
+    import re
+
+    def line(e: BaseException) -> str:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+        return f"{type(e).__name__}: {text.splitlines()[0][:160] if text else ''}"
+
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    return line(exc) if root is exc else f"{line(exc)} (cause: {line(root)})"
+
+
+def bench_model(name: str, args) -> dict:
+    model, inputs = make(name)
+    with torch.no_grad():
+        expected = model(*inputs)
+    cases = {"eager": lambda: model(*inputs)}
+    result: dict = {"compile_s": {}, "failures": {}, "max_abs_error": {}}
+    for way, build in WAYS.items():
+        torch._dynamo.reset()
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                fn = build(model, inputs, expected)
+                got = fn()
+        except Exception as exc:  # recorded, not hidden: the table shows it
+            result["failures"][way] = _failure(exc)
+            print(f"  {name} {way}: FAILED {result['failures'][way]}", flush=True)
+            continue
+        result["compile_s"][way] = round(time.perf_counter() - start, 2)
+        result["max_abs_error"][way] = float((got - expected).abs().max())
+        cases[way] = fn
+    stats = interleaved_stats(cases, runs=args.runs, rounds=args.rounds)
+    eager = stats["eager"]["median_us"]
+    result["median_us"] = {k: round(v["median_us"], 1) for k, v in stats.items()}
+    result["min_us"] = {k: round(v["min_us"], 1) for k, v in stats.items()}
+    result["speedup_vs_eager"] = {k: round(eager / v["median_us"], 2) for k, v in stats.items()}
+    print(name, result["median_us"], flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--models", default=",".join(SUITE))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    names = [m for m in args.models.split(",") if m]
+    results = {name: bench_model(name, args) for name in names}
+    command = f"python benchmarks/suite.py --runs {args.runs} --rounds {args.rounds}"
+    if args.models != ",".join(SUITE):
+        command += f" --models {args.models}"
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": command,
+        "machine": machine(),
+        "torch": torch.__version__,
+        "onnxruntime": __import__("onnxruntime").__version__,
+        "models": results,
+    }
+    ways = ["eager", *WAYS]
+    lines = [
+        f"# nativert benchmark suite ({report['date']})",
+        "",
+        f"`{command}` on {report['machine']}; torch {report['torch']}, onnxruntime "
+        f"{report['onnxruntime']}. Inference. Each cell: median latency (speed-up over eager); "
+        "min latency, compile time and numerics are in suite.json.",
+        "",
+        "| model | " + " | ".join(ways) + " |",
+        "|---|" + "---|" * len(ways),
+    ]
+    for name, r in results.items():
+        cells = []
+        for way in ways:
+            if way in r["failures"]:
+                cells.append("failed")
+            else:
+                cells.append(f"{r['median_us'][way]:.0f} us (x{r['speedup_vs_eager'][way]:.2f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Compile time (s) and max abs error vs eager:", ""]
+    lines += ["| model | " + " | ".join(WAYS) + " |", "|---|" + "---|" * len(WAYS)]
+    for name, r in results.items():
+        cells = [
+            f"{r['compile_s'][w]:.1f} s, {r['max_abs_error'][w]:.1e}"
+            if w in r["compile_s"]
+            else "failed"
+            for w in WAYS
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    failures = [(n, w, f) for n, r in results.items() for w, f in r["failures"].items()]
+    if failures:
+        lines += ["", "Failures:", ""]
+        lines += [f"- {n} / {w}: {f}" for n, w, f in failures]
+    write("suite", report, lines)
+
+
+if __name__ == "__main__":
+    main()
