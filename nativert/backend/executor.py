@@ -2,7 +2,9 @@
 
 Prepared once: the program's graph is copied and every `call_delegate` node becomes a call of
 a small runner that hands the segment's inputs straight to its DelegateExecutor: no op
-dispatch, no `.module()` wrapper, just FX's generated straight-line Python.
+dispatch, no `.module()` wrapper, just FX's generated straight-line Python. (A delegate call
+whose weights are not program weights, e.g. a lowered module that torch.compile traced, whose
+weights arrive as graph inputs, stays a `call_delegate` op, which binds them per call.)
 
 Weights live in one immutable *generation*: the top-level weight tensors plus each
 delegate's committed state. A call reads the generation once and runs entirely on it;
