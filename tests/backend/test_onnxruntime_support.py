@@ -150,6 +150,18 @@ SAMPLES = {
     aten.index_select.default: lambda: (r(5, 3), 0, ints(4)),
     aten.gather.default: lambda: (r(3, 4), 1, torch.randint(0, 4, (3, 2))),
     aten.scalar_tensor.default: lambda: (2.5,),
+    # 2 layers, bidirectional, batch first: input, (h0, c0), 2 x 2 x (w_ih, w_hh, b_ih, b_hh)
+    aten.lstm.input: lambda: (
+        r(3, 5, 4),
+        [r(4, 3, 6), r(4, 3, 6)],
+        [r(24, 4), r(24, 6), r(24), r(24)] * 2 + [r(24, 12), r(24, 6), r(24), r(24)] * 2,
+        True,
+        2,
+        0.0,
+        False,
+        True,
+        True,
+    ),
 }
 KWARGS = {aten._to_copy.default: {"dtype": torch.float64}}
 # Outputs compared: eval-mode batch norm's saved statistics are empty in torch and
@@ -209,3 +221,20 @@ def test_every_table_op_exports_and_runs_in_ort():
     assert missing == [], f"table ops not delegated to onnxruntime: {missing}\n{report}"
     with torch.no_grad():
         assert_close(program.module()(*inputs), model(*inputs), atol=1e-5, rtol=1e-4)
+
+
+def test_lstm_is_one_ort_op_but_not_with_training_dropout():
+    torch.manual_seed(0)
+    model = torch.nn.LSTM(4, 6, num_layers=2, batch_first=True).eval()
+    x = r(2, 5, 4)
+    program = nativert.to_backend(torch.export.export(model, (x,)))
+    report = nativert.delegation_report(program)
+    assert report.ops["aten.lstm.input"] == {"onnxruntime": 1}
+    with torch.no_grad():
+        assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-4)
+
+    table = onnxruntime_support.build_table()
+    train = torch.nn.LSTM(4, 6, num_layers=2, dropout=0.5, batch_first=True).train()
+    graph = torch.export.export(train, (x,)).graph
+    (node,) = [n for n in graph.nodes if n.target is torch.ops.aten.lstm.input]
+    assert "dropout in training mode" in table.check(node)
