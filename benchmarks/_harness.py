@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 RESULTS = Path(__file__).parent / "results"
@@ -66,3 +67,32 @@ def write(name: str, result: dict, lines: list[str]) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+_NP = {torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32}
+
+
+def plain_ort_runner(model, inputs, expected):
+    """The whole model in one ONNX Runtime session, called as an ORT user would (IOBinding,
+    fresh output per call). `expected`: the eager output (its shape and dtype)."""
+    import onnxruntime as ort
+
+    onnx_program = torch.onnx.export(torch.export.export(model, inputs), dynamo=True, verbose=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(
+        onnx_program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    names = [i.name for i in session.get_inputs()]
+    (out_name,) = [o.name for o in session.get_outputs()]
+    binding = session.io_binding()
+
+    def run():
+        out = torch.empty(expected.shape, dtype=expected.dtype)
+        for name, x in zip(names, inputs, strict=True):
+            binding.bind_input(name, "cpu", 0, _NP[x.dtype], x.shape, x.data_ptr())
+        binding.bind_output(out_name, "cpu", 0, _NP[out.dtype], out.shape, out.data_ptr())
+        session.run_with_iobinding(binding)
+        return out
+
+    return run

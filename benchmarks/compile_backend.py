@@ -24,41 +24,13 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from _harness import interleaved_medians, machine, write
+from _harness import interleaved_medians, machine, plain_ort_runner, write
 
 import nativert
 from nativert.models import build
 
 MODELS = ("mlp", "convnet", "transformer")
-
-
-def plain_ort(model, inputs):
-    """The whole model in one ORT session, called as a user of ORT would (IOBinding)."""
-    import onnxruntime as ort
-
-    onnx_program = torch.onnx.export(torch.export.export(model, inputs), dynamo=True, verbose=False)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(
-        onnx_program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    (x,) = inputs
-    in_name = session.get_inputs()[0].name
-    out_name = session.get_outputs()[0].name
-    with torch.no_grad():
-        out_shape = model(x).shape
-    binding = session.io_binding()
-
-    def run():
-        out = torch.empty(out_shape)
-        binding.bind_input(in_name, "cpu", 0, np.float32, x.shape, x.data_ptr())
-        binding.bind_output(out_name, "cpu", 0, np.float32, out.shape, out.data_ptr())
-        session.run_with_iobinding(binding)
-        return out
-
-    return run
 
 
 def latency(args) -> dict:
@@ -77,7 +49,7 @@ def latency(args) -> dict:
             ours(*inputs)
             nativert_compile = time.perf_counter() - start
             executor = nativert.Executor(nativert.to_backend(torch.export.export(model, inputs)))
-            ort_run = plain_ort(model, inputs)
+            ort_run = plain_ort_runner(model, inputs, expected)
             cases = {
                 "eager": lambda m=model, i=inputs: m(*i),
                 "inductor": lambda f=inductor, i=inputs: f(*i),

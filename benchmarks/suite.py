@@ -24,40 +24,13 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
-from _harness import interleaved_stats, machine, write
+from _harness import interleaved_stats, machine, plain_ort_runner, write
 
 import nativert
 
 sys.path.insert(0, str(Path(__file__).parent))
 from models import SUITE, make  # noqa: E402
-
-_NP = {torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32}
-
-
-def plain_ort(model, inputs, expected):
-    import onnxruntime as ort
-
-    onnx_program = torch.onnx.export(torch.export.export(model, inputs), dynamo=True, verbose=False)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(
-        onnx_program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    names = [i.name for i in session.get_inputs()]
-    (out_name,) = [o.name for o in session.get_outputs()]
-    binding = session.io_binding()
-
-    def run():
-        out = torch.empty(expected.shape, dtype=expected.dtype)
-        for name, x in zip(names, inputs, strict=True):
-            binding.bind_input(name, "cpu", 0, _NP[x.dtype], x.shape, x.data_ptr())
-        binding.bind_output(out_name, "cpu", 0, _NP[out.dtype], out.shape, out.data_ptr())
-        session.run_with_iobinding(binding)
-        return out
-
-    return run
 
 
 def aoti(model, inputs, expected):
@@ -91,7 +64,7 @@ def nativert_executor(model, inputs, expected):
 
 WAYS = {
     "inductor": inductor,
-    "plain_ort": plain_ort,
+    "plain_ort": plain_ort_runner,
     "aoti": aoti,
     "nativert_compile": nativert_compile,
     "nativert_executor": nativert_executor,

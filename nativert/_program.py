@@ -190,6 +190,14 @@ def find_nondifferentiable_outputs(
     )
 
 
+def finite_int(bound: Any) -> int | None:
+    """A range bound as an int; None for an unbounded one (int_oo and friends)."""
+    try:
+        return int(bound)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
+
+
 def _is_float(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
 

@@ -223,15 +223,10 @@ def inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finite(bound: Any) -> int | None:
-    try:
-        return int(bound)
-    except (TypeError, ValueError, OverflowError, AttributeError):  # int_oo and friends
-        return None
-
-
 def _random_inputs(program, size: int) -> list[torch.Tensor]:
     """Inputs for every user input: dynamic dims at `size` (within their range)."""
+    from nativert._program import finite_int
+
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     ranges = dict(program.range_constraints)
     inputs = []
@@ -243,8 +238,8 @@ def _random_inputs(program, size: int) -> list[torch.Tensor]:
         for dim in value.shape:
             if isinstance(dim, torch.SymInt):
                 r = ranges.get(dim.node.expr)
-                low = (_finite(r.lower) if r is not None else None) or 1
-                high = (_finite(r.upper) if r is not None else None) or size
+                low = (finite_int(r.lower) if r is not None else None) or 1
+                high = (finite_int(r.upper) if r is not None else None) or size
                 shape.append(min(max(size, low), high))
             else:
                 shape.append(int(dim))

@@ -129,7 +129,13 @@ class StagedWeights:
                     f"delegate {self._name!r}: commit_weights() called with nothing staged; "
                     "call process_weights(weights) first"
                 )
-            self._active, self._staged = self._staged, None
+            self._activate(self._staged)
+            self._staged = None
+
+    def _activate(self, staged: Any) -> None:
+        """Make `staged` the active state (called by commit_weights, under the stage lock);
+        executors whose runtime must switch too (e.g. swap buffers) extend this."""
+        self._active = staged
 
     def discard_weights(self) -> None:
         """Drop staged weights without committing them."""
@@ -215,6 +221,12 @@ def list_delegates(*, available_only: bool = False) -> list[str]:
         for backend_id, delegate in _REGISTRY.items()
         if not available_only or delegate.is_available()
     ]
+
+
+def toolchain_versions(delegate: Delegate) -> dict[str, str]:
+    """Versions of the tools a delegate compiles with (its optional `toolchain()`)."""
+    toolchain = getattr(delegate, "toolchain", None)
+    return dict(toolchain()) if toolchain is not None else {}
 
 
 def require_available(delegate: Delegate) -> None:

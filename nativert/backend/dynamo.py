@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from nativert.backend.cache import DEFAULT as _DEFAULT
+from nativert.backend.delegate import list_delegates
 from nativert.errors import DelegateCompileError, NativertError
 
 logger = logging.getLogger("nativert")
-
-_DEFAULT = "default"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,8 +246,6 @@ def _decompositions(delegates: tuple[str, ...] | None, *, training: bool) -> dic
 
     (Composite-implicit ops such as linear decompose while aot_autograd traces, whatever the
     table says; torch.export.default_decompositions would only add them, at a cost.)"""
-    from nativert.backend.delegate import list_delegates
-
     backend_ids = tuple(delegates or list_delegates(available_only=True))
     return _decomposition_table(backend_ids, training)
 
@@ -326,7 +324,7 @@ def _compile_aten(
         exclude_ops=settings.exclude_ops,
         compile_specs=_compile_specs(settings),
     )
-    candidates = partitioner.delegates or _candidates()
+    candidates = partitioner.delegates or list_delegates(available_only=True)
     program = prepare_program(program, candidates, passes=None, decompose=False)
     _pin_output_views_of_inputs(program.graph_module)
     result = partitioner.partition(program)
@@ -453,12 +451,6 @@ def _unmutated(weights: Mapping[int, tuple[str, torch.Tensor]], count: int) -> d
     return {
         i: w for i, w in weights.items() if not (infos[i].mutates_data or infos[i].mutates_metadata)
     }
-
-
-def _candidates() -> list[str]:
-    from nativert.backend.delegate import list_delegates
-
-    return list_delegates(available_only=True)
 
 
 def _compile_specs(settings: CompileOptions) -> dict[str, dict[str, Any]]:

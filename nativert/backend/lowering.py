@@ -31,7 +31,7 @@ from nativert._program import (
     remember_input_names,
 )
 from nativert.backend.cache import PayloadCache, segment_key
-from nativert.backend.delegate import get_delegate, require_available
+from nativert.backend.delegate import get_delegate, require_available, toolchain_versions
 from nativert.call_delegate import HOP_NAME, call_delegate
 from nativert.errors import DelegateCompileError, PartitionError
 from nativert.lowered import LoweredBackendModule
@@ -163,7 +163,7 @@ def compile_segment(
     if cache is not None and not getattr(delegate, "cacheable", False):
         cache = None  # its payload may depend on more than the key (e.g. weight values)
     if cache is not None:
-        versions = {"delegate": delegate.version, **getattr(delegate, "toolchain", dict)()}
+        versions = {"delegate": delegate.version, **toolchain_versions(delegate)}
         key = segment_key(segment, spec.backend_id, versions, spec.compile_specs)
         payload = cache.get(key)
         if payload is not None:

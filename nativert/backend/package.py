@@ -32,7 +32,12 @@ from torch.export.graph_signature import (
 )
 
 from nativert._program import WEIGHT_KINDS, program_from_graph, rebuild_program
-from nativert.backend.delegate import CompileSpec, get_delegate, list_delegates
+from nativert.backend.delegate import (
+    CompileSpec,
+    get_delegate,
+    list_delegates,
+    toolchain_versions,
+)
 from nativert.call_delegate import delegate_nodes, lowered_modules
 from nativert.errors import NativertError, UnknownDelegateError
 from nativert.lowered import DelegateRuntime, LoweredBackendModule
@@ -110,7 +115,7 @@ def save(program: ExportedProgram, path: str | os.PathLike) -> None:
                 "module_name": lowered.module_name,
                 "backend_id": lowered.backend_id,
                 "delegate_version": getattr(delegate, "version", "unknown"),
-                "toolchain": getattr(delegate, "toolchain", dict)() if delegate else {},
+                "toolchain": toolchain_versions(delegate) if delegate else {},
                 "compile_specs": [[s.key, s.value] for s in lowered.compile_specs],
                 "program": f"nativert_segment_{i}",
                 "payload": f"nativert/{i}.bin",
@@ -142,20 +147,31 @@ def save(program: ExportedProgram, path: str | os.PathLike) -> None:
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """The nativert manifest of a package (delegates, versions, specs), without loading it."""
     from torch.export.pt2_archive._package import PT2ArchiveReader
-    from torch.export.pt2_archive.constants import EXTRA_DIR
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise PackageError(f"{path}: no such file")
     try:
         with PT2ArchiveReader(path) as reader:
-            if f"{EXTRA_DIR}{MANIFEST}" not in set(reader.get_file_names()):
-                raise PackageError(f"{path} has no nativert manifest: not written by nativert")
-            return json.loads(reader.read_string(f"{EXTRA_DIR}{MANIFEST}"))
+            return _manifest(reader, set(reader.get_file_names()), path)
     except PackageError:
         raise
     except Exception as exc:
         raise PackageError(f"{path}: cannot read its manifest: {exc}") from exc
+
+
+def _manifest(reader: Any, files: set[str], path: str) -> dict[str, Any]:
+    from torch.export.pt2_archive.constants import EXTRA_DIR
+
+    if f"{EXTRA_DIR}{MANIFEST}" not in files:
+        raise PackageError(
+            f"{path} has no nativert manifest: it was not written by nativert.save "
+            "(plain programs load with torch.export.load)"
+        )
+    try:
+        return json.loads(reader.read_string(f"{EXTRA_DIR}{MANIFEST}"))
+    except ValueError as exc:
+        raise PackageError(f"{path}: the nativert manifest is not valid JSON: {exc}") from exc
 
 
 def _refuse_pickles(reader: Any, name: str, path: str) -> None:
@@ -223,7 +239,6 @@ def load(path: str | os.PathLike, *, strict: bool = False) -> ExportedProgram:
         ARCHIVE_VERSION_PATH,
         ARCHIVE_VERSION_VALUE,
         EXECUTORCH_DIR,
-        EXTRA_DIR,
     )
 
     path = os.fspath(path)
@@ -246,15 +261,7 @@ def load(path: str | os.PathLike, *, strict: bool = False) -> ExportedProgram:
                 f"{path}: pt2 archive version {version!r}, this torch reads "
                 f"{ARCHIVE_VERSION_VALUE!r}"
             )
-        if f"{EXTRA_DIR}{MANIFEST}" not in files:
-            raise PackageError(
-                f"{path} has no nativert manifest: it was not written by nativert.save "
-                "(plain programs load with torch.export.load)"
-            )
-        try:
-            manifest = json.loads(reader.read_string(f"{EXTRA_DIR}{MANIFEST}"))
-        except ValueError as exc:
-            raise PackageError(f"{path}: the nativert manifest is not valid JSON: {exc}") from exc
+        manifest = _manifest(reader, files, path)
         if manifest.get("format_version") != FORMAT_VERSION:
             raise PackageError(
                 f"{path}: nativert package format {manifest.get('format_version')!r}; this "

@@ -189,20 +189,14 @@ class AotiExecutor(StagedWeights):
                 self._runner.update_constant_buffer(buffer, True, True)
             self._staged = snapshot
 
-    def commit_weights(self) -> None:
-        with self._stage_lock:
-            if self._staged is None:
-                raise WeightsError(
-                    "delegate 'aoti': commit_weights() called with nothing staged; call "
-                    "process_weights(weights) first"
-                )
-            self._swap_lock.acquire_write()
-            try:
-                if self._constants:
-                    self._runner.swap_constant_buffer()
-                self._active, self._staged = self._staged, None
-            finally:
-                self._swap_lock.release_write()
+    def _activate(self, staged: _Snapshot) -> None:
+        self._swap_lock.acquire_write()  # waits for runs that checked their snapshot
+        try:
+            if self._constants:
+                self._runner.swap_constant_buffer()
+            self._active = staged
+        finally:
+            self._swap_lock.release_write()
 
     # -- running ---------------------------------------------------------------------------
     def _check(self, inputs: Sequence[Any]) -> list[torch.Tensor]:

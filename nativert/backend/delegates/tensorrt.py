@@ -32,7 +32,13 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
-from nativert._program import placeholder_values, validate_weights, weight_names
+from nativert._program import (
+    finite_int,
+    placeholder_values,
+    rebuild_program,
+    validate_weights,
+    weight_names,
+)
 from nativert.backend.delegate import Availability, CompileSpec, StagedWeights
 from nativert.errors import DelegateCallError, DelegateCompileError
 
@@ -48,13 +54,6 @@ _TRT_TO_TORCH = {
 _MAX_DYNAMIC = 4096  # upper bound of a profile for dims the program leaves unbounded
 
 
-def _finite(bound: Any) -> int | None:
-    try:
-        return int(bound)
-    except (TypeError, ValueError, OverflowError, AttributeError):  # int_oo and friends
-        return None
-
-
 def _input_specs(program: ExportedProgram) -> list[Any]:
     """torch_tensorrt.Input per user input: static shapes, or min/opt/max for dynamic dims."""
     import torch_tensorrt
@@ -68,8 +67,8 @@ def _input_specs(program: ExportedProgram) -> list[Any]:
         for dim in value.shape:
             if isinstance(dim, torch.SymInt):
                 ranges = program.range_constraints.get(dim.node.expr)
-                lower = max(1, _finite(ranges.lower) or 1) if ranges is not None else 1
-                upper = _finite(ranges.upper) if ranges is not None else None
+                lower = max(1, finite_int(ranges.lower) or 1) if ranges is not None else 1
+                upper = finite_int(ranges.upper) if ranges is not None else None
                 upper = min(upper, _MAX_DYNAMIC) if upper is not None else _MAX_DYNAMIC
                 hint = dim.node.hint if dim.node.hint is not None else lower
                 low.append(lower)
@@ -162,21 +161,9 @@ class TensorRtExecutor(StagedWeights):
         if same:
             self._stage(_Engine(self._payload))
             return
-        program = self._reference
-        state = dict(program.state_dict)
-        constants = dict(program.constants)
-        for name in self.weight_names:
-            (state if name in state else constants)[name] = weights[name]
-        rebuilt = ExportedProgram(
-            root=program.graph_module,
-            graph=program.graph,
-            graph_signature=program.graph_signature,
-            state_dict=state,
-            range_constraints=program.range_constraints,
-            module_call_graph=program.module_call_graph,
-            constants=constants,
-            verifiers=program.verifiers,
-        )
+        # The reference with these weights: the engine has them built in.
+        reference = self._reference
+        rebuilt = rebuild_program(reference, reference.graph_module, new_weights=weights)
         self._stage(_Engine(_build_engine(rebuilt, self._specs)))
 
     def run_with(self, engine: _Engine, inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
