@@ -88,8 +88,8 @@ _COMPILE_ONCE = textwrap.dedent(
         with torch.no_grad():
             compiled(*inputs)
     seconds = time.perf_counter() - start
-    import nativert.backend.dynamo as d
-    report = d.last_compile_report()
+    import nativert
+    report = nativert.last_compile_report()
     print(json.dumps({"seconds": seconds, "nativert_seconds": report.seconds,
                       "hits": report.cache_hits, "misses": report.cache_misses}))
     """

@@ -50,7 +50,7 @@ def main() -> None:
     (lowered,) = nativert.lowered_modules(program)
     executor = lowered.executor
     runnable = program.module()
-    session = executor._active_state().session  # the very session the executor runs
+    session = executor.active_state().session  # the very session the executor runs
     in_name, out_name = session.get_inputs()[0].name, session.get_outputs()[0].name
 
     reused = session.io_binding()

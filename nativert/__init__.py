@@ -3,37 +3,44 @@
 import torch, nativert
 ep = torch.export.export(model, (x,))
 delegated = nativert.to_backend(ep)     # still an ExportedProgram
-delegated.module()(x)
+nativert.Executor(delegated)(x)
+
+Layers, bottom up (imports only run downward): `delegate` (the contracts, the registry,
+support tables), `settings`, `call_delegate` and `lowered` (the operator and the data it
+calls), `passes`, `partitioner`, then `backend` (the one pipeline, the torch.compile
+backend, the runtime, packages and the built-in delegates) and `cli`.
 """
 
-from nativert.backend.delegate import (
+from nativert import _dynamo_hop  # noqa: F401  (teaches Dynamo to trace call_delegate)
+from nativert._version import __version__
+from nativert.backend.compile import CompileReport, compile_reports, last_compile_report
+from nativert.backend.delegates import register_builtin_delegates as _register_builtins
+from nativert.backend.package import load, save
+from nativert.backend.runtime import Executor
+from nativert.backend.to_backend import to_backend
+from nativert.call_delegate import call_delegate, delegate_nodes, lowered_modules
+from nativert.delegate import (
     Availability,
     CompileSpec,
     Delegate,
     DelegateExecutor,
+    StagedWeights,
+    SupportTable,
     get_delegate,
     list_delegates,
     register_delegate,
     unregister_delegate,
 )
-from nativert.backend.delegates import register_builtin_delegates as _register_builtins
-from nativert.backend.dynamo import (
-    CompileOptions,
-    CompileReport,
-    compile_reports,
-    last_compile_report,
-)
-from nativert.backend.executor import Executor
-from nativert.backend.package import PackageError, load, save
-from nativert.backend.to_backend import to_backend
-from nativert.call_delegate import call_delegate, delegate_nodes, lowered_modules
 from nativert.errors import (
     DelegateCallError,
     DelegateCompileError,
+    DelegateLoadError,
     DelegateUnavailableError,
     LoweringError,
     NativertError,
+    PackageError,
     PartitionError,
+    SettingsError,
     UnknownDelegateError,
     WeightsError,
 )
@@ -45,26 +52,24 @@ from nativert.partitioner import (
     DelegationSpec,
     Partitioner,
     PartitionResult,
-    SupportTable,
     delegation_report,
 )
 from nativert.passes import PassResult
+from nativert.settings import Settings
 
 _register_builtins()
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AllNodePartitioner",
     "Availability",
     "CapabilityPartitioner",
-    "CompileOptions",
     "CompileReport",
     "CompileSpec",
     "Delegate",
     "DelegateCallError",
     "DelegateCompileError",
     "DelegateExecutor",
+    "DelegateLoadError",
     "DelegateUnavailableError",
     "DelegationReport",
     "DelegationSpec",
@@ -72,14 +77,18 @@ __all__ = [
     "LoweredBackendModule",
     "LoweringError",
     "NativertError",
+    "PackageError",
     "PartitionError",
     "PartitionResult",
     "Partitioner",
-    "PackageError",
     "PassResult",
+    "Settings",
+    "SettingsError",
+    "StagedWeights",
     "SupportTable",
     "UnknownDelegateError",
     "WeightsError",
+    "__version__",
     "call_delegate",
     "compile_reports",
     "delegate_nodes",

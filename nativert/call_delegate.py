@@ -14,11 +14,14 @@ segment's weights then its inputs. One implementation per dispatch case:
 - Functionalization: the segment is functional; unwrap, redispatch, wrap.
 
 Outputs never alias inputs or each other; every implementation keeps that promise.
+Dynamo support (tracing the HOP instead of graph-breaking) is registered by
+`nativert._dynamo_hop`, which `import nativert` loads.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.utils._pytree as pytree
@@ -48,20 +51,40 @@ class CallDelegate(HigherOrderOperator):
 call_delegate = CallDelegate()
 
 
-def _check_lowered(lowered_module: Any) -> None:
-    from nativert.lowered import LoweredBackendModule
+@runtime_checkable
+class Delegated(Protocol):
+    """What call_delegate needs of its first argument (nativert's LoweredBackendModule);
+    checked by shape so that this module does not import the lowered module's."""
 
+    module_name: str
+    mutated_arg_indices: frozenset[int]
+    nondifferentiable_outputs: frozenset[int]
+
+    def run_delegate(self, flat_args: Sequence[Any]) -> tuple[torch.Tensor, ...]: ...
+
+    def run_reference(self, flat_args: Sequence[Any]) -> tuple[Any, ...]: ...
+
+    def graph_view(self) -> Any: ...
+
+
+_DELEGATED_TYPES: set[type] = set()  # types that passed the (slow) protocol check
+
+
+def _check_lowered(lowered_module: Any) -> None:
+    if type(lowered_module) in _DELEGATED_TYPES:
+        return
     if isinstance(lowered_module, str):
         raise DelegateCallError(
             f"this program calls delegate {lowered_module!r} by name only: it was loaded by "
             "torch.export.load, which does not keep delegates. Save with nativert.save and "
             "load with nativert.load"
         )
-    if not isinstance(lowered_module, LoweredBackendModule):
+    if not isinstance(lowered_module, Delegated):
         raise DelegateCallError(
             "call_delegate's first argument must be a nativert LoweredBackendModule, got "
             f"{type(lowered_module).__name__}"
         )
+    _DELEGATED_TYPES.add(type(lowered_module))
 
 
 @call_delegate.py_impl(torch._C.DispatchKey.CompositeExplicitAutograd)
@@ -195,6 +218,3 @@ def lowered_modules(program: Any) -> list[Any]:
         program.graph_module.get_submodule(node.args[0].target) for node in delegate_nodes(program)
     ]
 
-
-# Dynamo support lives in one small module because it uses private Dynamo API.
-from nativert import _dynamo_hop  # noqa: E402,F401  (registers the HOP with Dynamo)

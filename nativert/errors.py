@@ -22,6 +22,10 @@ class DelegateCompileError(NativertError):
     """A delegate failed to compile (preprocess) a segment."""
 
 
+class DelegateLoadError(NativertError):
+    """A delegate could not load a segment's payload into an executor."""
+
+
 class PartitionError(NativertError):
     """A partitioner produced tags that cannot be lowered."""
 
@@ -36,3 +40,12 @@ class DelegateCallError(NativertError, TypeError):
 
 class WeightsError(NativertError, ValueError):
     """Weights given to a delegate do not match what it was compiled for."""
+
+
+class SettingsError(NativertError, ValueError):
+    """A setting (to_backend keyword, torch.compile option, CLI flag) with a bad name or
+    value: the message names the setting and says what it takes."""
+
+
+class PackageError(NativertError):
+    """A .pt2 file that nativert cannot load: names the file and what is wrong."""

@@ -4,6 +4,11 @@ The class name and the fields `backend_id: str`, `processed_bytes: bytes`,
 `compile_specs: list` and `original_module` are what torch's verifier requires of a module
 reached by `get_attr` (torch/_export/verifier.py): do not rename them.
 
+A lowered module is data: backend id, payload, compile specs, the segment's reference
+program and its weight names. Nothing is loaded when it is made. Its runtime (an ONNX
+Runtime session, a loaded .so, an engine) is built on the first dense call through
+`call_delegate`, and an `Executor` builds its own with `load_executor()`: one per runner.
+
 A lowered module is called through `call_delegate(lowered, *flat_args)` where `flat_args` are
 the segment's placeholders in order: its weights first, then its inputs. Passing weights
 explicitly is what lets gradients reach parameters and keeps the reference program weight-free.
@@ -29,23 +34,34 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
 from nativert._program import find_nondifferentiable_outputs, weight_names, weight_tensor
-from nativert.backend.delegate import CompileSpec, DelegateExecutor, StagedWeights, get_delegate
-from nativert.errors import DelegateCallError
+from nativert.call_delegate import call_delegate
+from nativert.delegate import CompileSpec, DelegateExecutor, ReferenceExecutor, get_delegate
+from nativert.errors import DelegateCallError, DelegateLoadError, NativertError
+
+_EXECUTOR_METHODS = (
+    "init_weights",
+    "process_weights",
+    "commit_weights",
+    "discard_weights",
+    "active_state",
+    "run_with",
+    "run",
+)
 
 
 class DelegateRuntime:
-    """A delegate executor plus which weights it is bound to.
+    """The executor a lowered module's dense calls run on, plus which weights it is bound to.
 
-    Callers of call_delegate pass weights on every call. The executor is (re)initialised only
-    when they are other tensors, or the same tensors changed in place (an optimizer step bumps
-    the version counter), so a delegate never runs with stale weights.
+    Built on the first call. Callers of call_delegate pass weights on every call; the
+    executor is (re)initialised only when they are other tensors, or the same tensors changed
+    in place (an optimizer step bumps the version counter), so a delegate never runs with
+    stale weights.
     """
 
-    def __init__(self, factory: Callable[[], DelegateExecutor], names: tuple[str, ...]) -> None:
-        self.factory = factory  # builds a fresh executor for this payload (Executors own one)
-        self.executor = factory()
-        self._snapshots = isinstance(self.executor, StagedWeights)  # has active_state/run_with
+    def __init__(self, load: Callable[[], DelegateExecutor], names: tuple[str, ...]) -> None:
+        self._load = load
         self.weight_names = names
+        self._executor: DelegateExecutor | None = None
         self._lock = threading.Lock()
         self._bound_refs: tuple[torch.Tensor, ...] = ()
         self._bound_key: tuple[tuple[int, int], ...] | None = None  # None: rebind
@@ -58,26 +74,31 @@ class DelegateRuntime:
             return None
         return tuple((id(w), w._version) for w in weights)
 
-    def _bind_locked(self, weights: Sequence[torch.Tensor]) -> None:
+    def _executor_locked(self) -> DelegateExecutor:
+        if self._executor is None:
+            self._executor = self._load()
+        return self._executor
+
+    def _bind_locked(self, weights: Sequence[torch.Tensor]) -> DelegateExecutor:
+        executor = self._executor_locked()
         key = self._key(weights)
         if key is None or key != self._bound_key:
-            self.executor.init_weights(dict(zip(self.weight_names, weights, strict=True)))
+            executor.init_weights(dict(zip(self.weight_names, weights, strict=True)))
             # Holding the tensors keeps their ids from being reused while bound.
             self._bound_refs = tuple(weights)
             self._bound_key = key
+        return executor
 
-    def bind(self, weights: Sequence[torch.Tensor]) -> None:
+    def bound(self, weights: Sequence[torch.Tensor]) -> DelegateExecutor:
+        """The executor, built if needed and bound to `weights`."""
         with self._lock:
-            self._bind_locked(weights)
+            return self._bind_locked(weights)
 
     def run(self, flat_args: Sequence[Any]) -> tuple[torch.Tensor, ...]:
         n = len(self.weight_names)
-        executor = self.executor
         with self._lock:  # bind and take the snapshot together: callers with other weights
-            self._bind_locked(flat_args[:n])  # cannot slip in between
-            state = executor.active_state() if self._snapshots else None
-        if not self._snapshots:
-            return executor.run(flat_args[n:])
+            executor = self._bind_locked(flat_args[:n])  # cannot slip in between
+            state = executor.active_state()
         return executor.run_with(state, flat_args[n:])
 
 
@@ -106,6 +127,7 @@ class LoweredBackendModule(torch.nn.Module):
         mutated_arg_indices: Sequence[int] = (),
         state_arg_indices: Sequence[int] = (),
         nondifferentiable_outputs: Sequence[int] | None = None,
+        reference_reason: str | None = None,
         runtime: DelegateRuntime | None = None,
     ) -> None:
         super().__init__()
@@ -118,8 +140,12 @@ class LoweredBackendModule(torch.nn.Module):
         # Arguments the caller mutates after the call (buffers updated in forward): autograd
         # must not save them by reference for backward.
         self.mutated_arg_indices = frozenset(mutated_arg_indices)
+        # Set when this segment's delegate cannot run here (a package loaded where its
+        # runtime is missing): the reference program runs instead, and this says why.
+        self.reference_reason = reference_reason
 
         names = weight_names(original_module)
+        self.weight_names = names
         self._num_weights = len(names)
         self._num_inputs = sum(
             1
@@ -131,14 +157,8 @@ class LoweredBackendModule(torch.nn.Module):
             for spec in original_module.graph_signature.input_specs
             if spec.kind == InputKind.USER_INPUT
         )
-        if runtime is None:
-            delegate = get_delegate(backend_id)
-            specs = self.compile_specs
-            runtime = DelegateRuntime(
-                lambda: delegate.load(processed_bytes, specs, reference=original_module), names
-            )
-            runtime.bind([weight_tensor(original_module, n) for n in names])
-        self._runtime = runtime
+        # Shared by this module's views and copies that share its weights; loads nothing yet.
+        self._runtime = runtime or DelegateRuntime(self.load_executor, names)
         # Not a registered submodule: a child would show up in parameters() and state_dict().
         object.__setattr__(self, "_view", None)
 
@@ -219,12 +239,49 @@ class LoweredBackendModule(torch.nn.Module):
             owns_weights=False,
             mutated_arg_indices=self.mutated_arg_indices,
             nondifferentiable_outputs=self.nondifferentiable_outputs,
+            reference_reason=self.reference_reason,
             runtime=self._runtime,
         )
 
+    # -- the runtime -----------------------------------------------------------------------
+    def load_executor(self) -> DelegateExecutor:
+        """A new executor for this segment (no weights yet): each runner owns its own."""
+        if self.reference_reason is not None:
+            return ReferenceExecutor(self.original_module, name=self.backend_id)
+        delegate = get_delegate(self.backend_id)
+        try:
+            executor = delegate.load(
+                self.processed_bytes, self.compile_specs, reference=self.original_module
+            )
+        except NativertError:
+            raise
+        except Exception as exc:  # the runtime's own error, with the segment named
+            raise DelegateLoadError(
+                f"delegate {self.backend_id!r} could not load segment {self.module_name!r} "
+                f"({len(self.processed_bytes)} payload bytes): {type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(executor, DelegateExecutor):
+            missing = [m for m in _EXECUTOR_METHODS if not hasattr(executor, m)]
+            raise NativertError(
+                f"delegate {self.backend_id!r}: load() returned a {type(executor).__name__}, "
+                f"which lacks {missing} of the DelegateExecutor protocol; derive it from "
+                "nativert.StagedWeights"
+            )
+        return executor
+
     @property
     def executor(self) -> DelegateExecutor:
-        return self._runtime.executor
+        """This module's own executor (what `.module()` calls run on), built on first use and
+        bound to the segment's weights if no call has bound others yet."""
+        runtime = self._runtime
+        with runtime._lock:
+            if runtime._executor is not None and runtime._bound_key is not None:
+                return runtime._executor
+        return runtime.bound([weight_tensor(self.original_module, n) for n in self.weight_names])
+
+    @property
+    def num_weights(self) -> int:
+        return self._num_weights
 
     @property
     def num_flat_args(self) -> int:
@@ -250,8 +307,6 @@ class LoweredBackendModule(torch.nn.Module):
         return tuple(self.original_module.graph_module(*flat_args))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        from nativert.call_delegate import call_delegate
-
         if not self.owns_weights:
             if kwargs:
                 raise DelegateCallError(
@@ -292,7 +347,7 @@ class LoweredBackendModule(torch.nn.Module):
             return self
         clone = self._sharing_runtime()
         # Its own runtime: copies with different weights must not rebind one executor in turn.
-        runtime = DelegateRuntime(self._runtime.factory, self._runtime.weight_names)
+        runtime = DelegateRuntime(clone.load_executor, self.weight_names)
         clone._runtime = runtime
         memo[id(self)] = clone
         clone.owns_weights = True

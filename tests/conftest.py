@@ -49,3 +49,37 @@ def registered():
     yield register
     for backend_id in added:
         nativert.unregister_delegate(backend_id)
+
+
+def run_in_threads(*targets, timeout: float = 120.0) -> None:
+    """Run each callable in its own thread, all started together, and re-raise the first
+    exception any of them raised (under pytest an exception in a thread is only a warning, so
+    a test that merely joins its threads passes when every worker crashes). Fails if a thread
+    is still running after `timeout` seconds."""
+    import threading
+    import time
+
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(targets))
+
+    def guarded(fn):
+        def run():
+            try:
+                barrier.wait(timeout)
+                fn()
+            except BaseException as exc:  # collected, re-raised in the test's thread
+                errors.append(exc)
+
+        return run
+
+    threads = [threading.Thread(target=guarded(fn), daemon=True) for fn in targets]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    alive = sum(t.is_alive() for t in threads)
+    if alive:
+        raise AssertionError(f"{alive} of {len(threads)} threads still running after {timeout} s")
+    if errors:
+        raise errors[0]

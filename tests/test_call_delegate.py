@@ -11,7 +11,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import nativert
 from nativert.call_delegate import HOP_NAME
-from tests.conftest import assert_close
+from tests.conftest import assert_close, run_in_threads
 from tests.models import TrainBN, make
 
 
@@ -258,3 +258,23 @@ def test_inference_tensor_weights_work_and_in_place_changes_are_seen(mlp):
     with torch.no_grad():
         assert_close(first[0], model(x))
         assert_close(second[0], model(x) + 1.0)
+
+
+def test_deep_copies_with_different_weights_never_mix_under_threads():
+    model, (x,) = make("mlp")
+    a = nativert.to_backend("onnxruntime", torch.export.export(model, (x,)))
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.neg_()
+        expected_a, expected_b = a(x), b(x)
+    assert not torch.allclose(expected_a, expected_b)
+
+    def call(module, expected):
+        with torch.no_grad():
+            for _ in range(300):
+                assert torch.allclose(module(x), expected, atol=1e-6), (
+                    "a result used the other copy's weights"
+                )
+
+    run_in_threads(lambda: call(a, expected_a), lambda: call(b, expected_b))

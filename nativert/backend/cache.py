@@ -26,6 +26,9 @@ from pathlib import Path
 import torch
 from torch.export import ExportedProgram
 
+from nativert._version import __version__
+from nativert.settings import DEFAULT_CACHE
+
 logger = logging.getLogger("nativert")
 
 _MAGIC = b"NATIVERT-PAYLOAD\n"
@@ -41,9 +44,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "nativert"
 
 
-DEFAULT = "default"
-
-
 def payload_cache(cache_dir: str | os.PathLike | None) -> PayloadCache | None:
     """The cache for a `cache_dir` setting: "default" (default_cache_dir()), a path, or None
     for no cache."""
@@ -51,7 +51,7 @@ def payload_cache(cache_dir: str | os.PathLike | None) -> PayloadCache | None:
         return None
     if not isinstance(cache_dir, (str, os.PathLike)):
         raise TypeError(f"cache_dir must be a path, 'default' or None, got {cache_dir!r}")
-    return PayloadCache(default_cache_dir() if cache_dir == DEFAULT else Path(cache_dir))
+    return PayloadCache(default_cache_dir() if cache_dir == DEFAULT_CACHE else Path(cache_dir))
 
 
 def _value_text(value: object) -> str:
@@ -70,8 +70,6 @@ def segment_key(
 
     `delegate_versions`: the delegate's own version and those of the tools it compiles with
     (exporter, runtime), so upgrading any of them misses the cache."""
-    from nativert import __version__
-
     placeholders = [
         f"{n.name}:{_value_text(n.meta.get('val'))}"
         for n in segment.graph.nodes

@@ -30,12 +30,13 @@ from nativert._program import (
     rebuild_program,
     remember_input_names,
 )
+from nativert._program.meta import REASON_KEY, TAG_KEY
 from nativert.backend.cache import PayloadCache, segment_key
-from nativert.backend.delegate import get_delegate, require_available, toolchain_versions
 from nativert.call_delegate import HOP_NAME, call_delegate
+from nativert.delegate import get_delegate, require_available
 from nativert.errors import DelegateCompileError, PartitionError
 from nativert.lowered import LoweredBackendModule
-from nativert.partitioner.base import REASON_KEY, TAG_KEY, DelegationSpec
+from nativert.partitioner.base import DelegationSpec
 
 _SEGMENT_PREFIX = "_nativert_segment_"
 logger = logging.getLogger("nativert")
@@ -160,10 +161,10 @@ def compile_segment(
     delegate = get_delegate(spec.backend_id)
     require_available(delegate)
     key = None
-    if cache is not None and not getattr(delegate, "cacheable", False):
+    if not delegate.cacheable:
         cache = None  # its payload may depend on more than the key (e.g. weight values)
     if cache is not None:
-        versions = {"delegate": delegate.version, **toolchain_versions(delegate)}
+        versions = {"delegate": delegate.version, **delegate.toolchain()}
         key = segment_key(segment, spec.backend_id, versions, spec.compile_specs)
         payload = cache.get(key)
         if payload is not None:
@@ -222,6 +223,28 @@ def _inline(gm: GraphModule, call_node: Node, sub_gm: GraphModule, outer_args, r
     for user in list(call_node.users):  # the getitems fusing created
         user.replace_all_uses_with(env[outputs[user.args[1]]])
         gm.graph.erase_node(user)
+    gm.graph.erase_node(call_node)
+    gm.delete_submodule(call_node.target)
+
+
+def _install(gm: GraphModule, call_node: Node, lowered: LoweredBackendModule, outer_args, tag):
+    """Replace a fused region's call_module node by get_attr + call_delegate."""
+    attr, n = f"lowered_{tag}", 0
+    while hasattr(gm, attr):  # a program lowered again keeps its earlier delegates
+        n += 1
+        attr = f"lowered_{tag}_{n}"
+    gm.add_submodule(attr, lowered)
+    with gm.graph.inserting_before(call_node):
+        module_node = gm.graph.get_attr(attr)
+        hop_node = gm.graph.create_node(
+            "call_function",
+            call_delegate,
+            (module_node, *outer_args),
+            name=f"{HOP_NAME}_{tag}",
+        )
+    hop_node.meta.update(call_node.meta)
+    hop_node.meta[TAG_KEY] = tag
+    call_node.replace_all_uses_with(hop_node)
     gm.graph.erase_node(call_node)
     gm.delete_submodule(call_node.target)
 
@@ -288,29 +311,11 @@ def lower_tagged_program(
                 raise
             (on_fallback or _log_fallback)(exc)
             _inline(gm, call_node, sub_gm, outer_args, f"{exc}; kept in PyTorch")
-            if on_region is not None:
-                on_region(tag, tags[tag])
-            continue
+            lowered = None
         if on_region is not None:
             on_region(tag, tags[tag])
-        attr, n = f"lowered_{tag}", 0
-        while hasattr(gm, attr):  # a program lowered again keeps its earlier delegates
-            n += 1
-            attr = f"lowered_{tag}_{n}"
-        gm.add_submodule(attr, lowered)
-        with gm.graph.inserting_before(call_node):
-            module_node = gm.graph.get_attr(attr)
-            hop_node = gm.graph.create_node(
-                "call_function",
-                call_delegate,
-                (module_node, *outer_args),
-                name=f"{HOP_NAME}_{tag}",
-            )
-        hop_node.meta.update(call_node.meta)
-        hop_node.meta[TAG_KEY] = tag
-        call_node.replace_all_uses_with(hop_node)
-        gm.graph.erase_node(call_node)
-        gm.delete_submodule(call_node.target)
+        if lowered is not None:
+            _install(gm, call_node, lowered, outer_args, tag)
 
     gm.graph.lint()
     gm.recompile()

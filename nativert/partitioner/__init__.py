@@ -1,5 +1,17 @@
-"""Partitioners tag nodes with the delegate that will run them."""
+"""Partitioners tag nodes with the delegate that will run them.
 
+base: the contract; capability: the capability-based partitioner; report: the delegation
+report. Support tables live in `nativert.delegate` (re-exported here for partitioner authors).
+"""
+
+from nativert.delegate.support import (
+    SupportTable,
+    all_of,
+    constant_args,
+    dtypes,
+    max_rank,
+    static_shapes,
+)
 from nativert.partitioner.base import (
     REASON_KEY,
     TAG_KEY,
@@ -9,14 +21,6 @@ from nativert.partitioner.base import (
 )
 from nativert.partitioner.capability import AllNodePartitioner, CapabilityPartitioner
 from nativert.partitioner.report import DelegationReport, Region, delegation_report
-from nativert.partitioner.support import (
-    SupportTable,
-    all_of,
-    constant_args,
-    dtypes,
-    max_rank,
-    static_shapes,
-)
 
 __all__ = [
     "REASON_KEY",

@@ -1,4 +1,9 @@
-"""The partitioner contract: partitioners only tag nodes; to_backend does the lowering."""
+"""The partitioner contract: partitioners only tag nodes; one shared step lowers the regions.
+
+A partitioner sets `node.meta["delegation_tag"]` on the nodes each delegate will run and
+returns the tags with their DelegationSpecs. It also says which ops decomposition must keep
+whole for its delegates (`ops_to_preserve`), since decomposition runs before it.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,20 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch.export import ExportedProgram
 
-from nativert.backend.delegate import CompileSpec
+from nativert._program.meta import PIN_KEY, REASON_KEY, TAG_KEY
+from nativert.delegate.contract import CompileSpec
 
-TAG_KEY = "delegation_tag"
-REASON_KEY = "nativert_not_delegated"
-# A node whose meta has this key stays in PyTorch; the value is the reason reported.
-PIN_KEY = "nativert_keep_in_pytorch"
+__all__ = [
+    "PIN_KEY",
+    "REASON_KEY",
+    "TAG_KEY",
+    "DelegationSpec",
+    "PartitionResult",
+    "Partitioner",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,4 +45,10 @@ class PartitionResult:
 
 @runtime_checkable
 class Partitioner(Protocol):
-    def partition(self, program: ExportedProgram) -> PartitionResult: ...
+    def partition(self, program: ExportedProgram) -> PartitionResult:
+        """Tag `program`'s nodes (and nothing else); return it with the tags' specs."""
+        ...
+
+    def ops_to_preserve(self) -> frozenset[torch._ops.OpOverload]:
+        """Ops that decomposition, which runs before partitioning, must keep whole."""
+        ...

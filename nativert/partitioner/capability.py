@@ -19,25 +19,11 @@ from torch.fx import Node
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import OperatorSupportBase
 
-from nativert.backend.delegate import (
-    Delegate,
-    dict_to_specs,
-    get_delegate,
-    list_delegates,
-    require_available,
-)
+from nativert._program.meta import INPUT_KIND_KEY, PIN_KEY, REASON_KEY, TAG_KEY
 from nativert.call_delegate import call_delegate
-from nativert.errors import NativertError
-from nativert.partitioner.base import (
-    PIN_KEY,
-    REASON_KEY,
-    TAG_KEY,
-    DelegationSpec,
-    PartitionResult,
-)
-from nativert.partitioner.support import INPUT_KIND_KEY
-
-OpLike = torch._ops.OpOverload | torch._ops.OpOverloadPacket | str
+from nativert.delegate import Delegate, default_delegates, get_delegate, require_available
+from nativert.partitioner.base import DelegationSpec, PartitionResult
+from nativert.settings import OpLike, Settings
 
 
 def op_name(target: Any) -> str:
@@ -47,20 +33,7 @@ def op_name(target: Any) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def _normalize_op(op: OpLike) -> str:
-    """Key an op by 'namespace::name' so any overload matches, or a full overload name."""
-    if isinstance(op, torch._ops.OpOverload):
-        return op.name()  # 'aten::relu' or 'aten::add.Tensor'
-    if isinstance(op, torch._ops.OpOverloadPacket):
-        return op._qualified_op_name
-    if isinstance(op, str) and "::" in op:
-        return op
-    raise NativertError(
-        f"exclude_ops entries must be OpOverloads or 'namespace::name' strings, got {op!r}"
-    )
-
-
-def _matches(node: Node, keys: frozenset[str]) -> bool:
+def _matches(node: Node, keys: Iterable[str]) -> bool:
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):
         return False
@@ -106,34 +79,40 @@ class CapabilityPartitioner:
         allow_single_node_ops: Iterable[OpLike] = (),
         compile_specs: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
-        if isinstance(delegates, str):
-            raise NativertError(
-                f"delegates must be a list of backend ids, got the string {delegates!r}; "
-                f"write delegates=[{delegates!r}]"
-            )
-        if min_block_size < 1:
-            raise NativertError(f"min_block_size must be >= 1, got {min_block_size}")
-        self.delegates = tuple(delegates) if delegates is not None else None
-        for backend_id in self.delegates or ():
-            get_delegate(backend_id)  # unknown id: error listing the known ones, now
-        self.min_block_size = min_block_size
-        self.exclude_ops = frozenset(_normalize_op(op) for op in exclude_ops)
-        self.allow_single_node_ops = frozenset(_normalize_op(op) for op in allow_single_node_ops)
-        self.compile_specs = {k: dict(v) for k, v in (compile_specs or {}).items()}
+        self.settings = Settings(
+            delegates=delegates,
+            min_block_size=min_block_size,
+            exclude_ops=exclude_ops,
+            allow_single_node_ops=allow_single_node_ops,
+            compile_specs=compile_specs or {},
+        )
 
-    def _resolve(self) -> list[Delegate]:
-        if self.delegates is None:
-            available = [
-                get_delegate(b)
-                for b in list_delegates(available_only=True)
-                if getattr(get_delegate(b), "default_candidate", True)
-            ]
-            fast = [d for d in available if not getattr(d, "reference", False)]
-            return fast or available
-        chosen = [get_delegate(b) for b in self.delegates]
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CapabilityPartitioner:
+        """The partitioner the settings describe (their partitioning fields, compile specs
+        and num_threads; the others are not its business)."""
+        partitioner = cls.__new__(cls)
+        partitioner.settings = settings
+        return partitioner
+
+    @property
+    def delegates(self) -> tuple[str, ...] | None:
+        return self.settings.delegates
+
+    def candidates(self) -> list[Delegate]:
+        """The delegates it assigns nodes to, in priority order."""
+        if self.settings.delegates is None:
+            return default_delegates()
+        chosen = [get_delegate(b) for b in self.settings.delegates]
         for delegate in chosen:
             require_available(delegate)
         return chosen
+
+    def ops_to_preserve(self) -> frozenset[torch._ops.OpOverload]:
+        ops: frozenset = frozenset()
+        for delegate in self.candidates():
+            ops |= delegate.ops_to_preserve()
+        return ops
 
     def _assign(
         self, node: Node, delegates: list[Delegate], assignment: dict[Node, str]
@@ -152,7 +131,7 @@ class CapabilityPartitioner:
         if node.meta.get(PIN_KEY):
             node.meta[REASON_KEY] = node.meta[PIN_KEY]
             return None
-        if _matches(node, self.exclude_ops):
+        if _matches(node, self.settings.exclude_ops):
             node.meta[REASON_KEY] = "excluded by user"
             return None
         if not _produces_tensors(node):
@@ -175,7 +154,7 @@ class CapabilityPartitioner:
 
     def partition(self, program: ExportedProgram) -> PartitionResult:
         gm = program.graph_module
-        delegates = self._resolve()
+        delegates = self.candidates()
         kinds = {spec.arg.name: spec.kind for spec in program.graph_signature.input_specs}
         assignment: dict[Node, str] = {}
         for node in gm.graph.nodes:
@@ -202,23 +181,25 @@ class CapabilityPartitioner:
                     regions.append((backend_id, nodes))
                 else:
                     for node in nodes:
-                        node.meta[REASON_KEY] = f"region below min_block_size={self.min_block_size}"
+                        node.meta[REASON_KEY] = (
+                            f"region below min_block_size={self.settings.min_block_size}"
+                        )
 
+        specs = {d.backend_id: self.settings.specs_for(d) for d in delegates}
         tags: dict[str, DelegationSpec] = {}
         for backend_id, nodes in _break_cycles(gm, regions):
             tag = f"{backend_id}_{len(tags)}"
             for node in nodes:
                 node.meta[TAG_KEY] = tag
-            tags[tag] = DelegationSpec(
-                backend_id, tuple(dict_to_specs(self.compile_specs.get(backend_id)))
-            )
+            tags[tag] = DelegationSpec(backend_id, specs[backend_id])
         return PartitionResult(program, tags)
 
     def _big_enough(self, nodes: list[Node]) -> bool:
         compute = [n for n in nodes if is_compute(n)]
-        if len(compute) >= self.min_block_size:
+        if len(compute) >= self.settings.min_block_size:
             return True
-        return bool(compute) and all(_matches(n, self.allow_single_node_ops) for n in compute)
+        allowed = self.settings.allow_single_node_ops
+        return bool(compute) and all(_matches(n, allowed) for n in compute)
 
 
 def is_compute(node: Node) -> bool:

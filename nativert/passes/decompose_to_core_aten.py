@@ -8,10 +8,15 @@ against core ATen.
 Guarantees: the result is functional (mutations appear as outputs in the graph signature),
 verifies, computes the same values, and every op in `preserve` that was in the graph stays
 a single node instead of being decomposed.
+
+The torch.compile path decomposes while aot_autograd traces, with `decomposition_table`:
+the same core ATen table minus the same preserved ops (composite-implicit ops such as
+linear decompose while aot_autograd traces whatever the table says).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -32,3 +37,31 @@ def decompose_to_core_aten(
     decomposed = program.run_decompositions(table)
     after = [(n.op, n.target) for n in decomposed.graph.nodes]
     return PassResult(decomposed, modified=before != after)
+
+
+# torch 2.13's decomposition of CPU flash attention returns the attention weights where the
+# op returns logsumexp. Only the backward reads that output, so inference may decompose it
+# (delegates then see plain matmuls and softmax), but training must keep the op whole or its
+# gradients are wrong (found by the torch.compile transformer training test).
+_WRONG_FOR_TRAINING = (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,)
+# Training saves layer norm's mean and rstd for the backward; as one node its extra outputs
+# cannot leave an ONNX segment (the exporter drops them), as plain ops they can, so the whole
+# forward stays delegable.
+_DECOMPOSED_FOR_TRAINING = (torch.ops.aten.native_layer_norm.default,)
+
+
+@functools.cache
+def decomposition_table(
+    preserve: frozenset[torch._ops.OpOverload], *, training: bool
+) -> dict:
+    """aot_autograd's decompositions: core ATen minus `preserve`, with the training fixes."""
+    from torch._decomp import core_aten_decompositions, get_decompositions
+
+    table = dict(core_aten_decompositions())
+    for op in preserve:
+        table.pop(op, None)
+    if training:
+        for op in _WRONG_FOR_TRAINING:
+            table.pop(op, None)
+        table.update(get_decompositions(_DECOMPOSED_FOR_TRAINING))
+    return table

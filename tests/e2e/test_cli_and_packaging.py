@@ -31,7 +31,7 @@ def test_unknown_command_fails_with_usage():
 
 def test_dynamo_backend_name_is_reserved_through_entry_point():
     (entry,) = [e for e in entry_points(group="torch_dynamo_backends") if e.name == "nativert"]
-    assert entry.value == "nativert.backend.dynamo:nativert_backend"
+    assert entry.value == "nativert.backend.compile:nativert_backend"
 
 
 def test_console_script_is_installed():

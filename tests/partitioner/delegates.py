@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from nativert.backend.delegates.eager import EagerDelegate
-from nativert.partitioner.support import SupportTable
+from nativert.delegate import SupportTable
 
 aten = torch.ops.aten
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.export import Dim
 
 import nativert
-from nativert.partitioner import support
+from nativert.delegate import support
 from nativert.partitioner.base import REASON_KEY
 from tests.conftest import assert_close
 from tests.models import make
@@ -72,6 +72,36 @@ def test_regions_of_two_delegates_never_form_a_cycle(registered):
     )
     with torch.no_grad():
         assert_close(program.module()(x), CrossDiamond()(x))
+
+
+class LopsidedCross(nn.Module):
+    """adds region {a1, a2} (2 nodes) and muls region {b1, b2, b3} (3 nodes): a1 -> b1 and
+    b3 -> a2 close a cycle if both are fused."""
+
+    def forward(self, x):
+        a1 = x + 1
+        b2 = x * 3
+        b3 = b2 * 4
+        b1 = a1 * 2
+        a2 = b3 + 1
+        return a2, b1
+
+
+def test_the_smaller_region_of_a_cycle_goes_back_whatever_its_priority(registered):
+    registered(adds())
+    registered(muls())
+    x = torch.randn(3)
+    # adds has the higher priority (first in the list), but its region is the smaller one.
+    program = lower(LopsidedCross(), (x,), nativert.CapabilityPartitioner(["adds", "muls"]))
+    program.validate()
+    assert region_ops(program) == [["aten.mul.Tensor"] * 3]
+    reasons = kept(program)
+    assert set(reasons) == {"add", "add_1"}
+    assert all(
+        "its adds region would form a cycle with regions of muls" in r for r in reasons.values()
+    )
+    with torch.no_grad():
+        assert_close(program.module()(x), LopsidedCross()(x))
 
 
 class Diamond(nn.Module):
@@ -245,9 +275,12 @@ def test_support_table_rejects_non_ops():
 
 
 def test_partitioner_options_are_validated():
-    with pytest.raises(nativert.NativertError, match="min_block_size must be >= 1"):
+    # The partitioner's options are Settings fields, checked by Settings (tests/test_settings).
+    with pytest.raises(nativert.SettingsError, match="min_block_size must be an int >= 1, got 0"):
         nativert.CapabilityPartitioner(min_block_size=0)
-    with pytest.raises(nativert.NativertError, match="write delegates=\\['eager'\\]"):
+    with pytest.raises(nativert.SettingsError, match="write \\['eager'\\]"):
         nativert.CapabilityPartitioner("eager")
-    with pytest.raises(nativert.NativertError, match="'namespace::name' strings, got 'relu'"):
+    with pytest.raises(
+        nativert.SettingsError, match="exclude_ops: .*'namespace::name' strings, got 'relu'"
+    ):
         nativert.CapabilityPartitioner(exclude_ops=["relu"])

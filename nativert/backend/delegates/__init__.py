@@ -1,31 +1,35 @@
-"""Built-in delegates, registered in priority order (fastest first).
+"""The built-in delegates, one module (or folder) each.
 
-Registering is explicit: `register_builtin_delegates()` is called once by `nativert/__init__`.
+`register_builtin_delegates()` is called once by `nativert/__init__`; the registry orders
+delegates by their `priority`, not by the order they are registered in.
 """
 
 from __future__ import annotations
 
-from nativert.backend.delegate import _REGISTRY, register_delegate
-from nativert.backend.delegates.aoti import AotiDelegate, AotiExecutor
-from nativert.backend.delegates.eager import EagerDelegate, EagerExecutor
+from nativert.backend.delegates.aoti import AotiDelegate
+from nativert.backend.delegates.eager import EagerDelegate
 from nativert.backend.delegates.onnxruntime import OnnxRuntimeDelegate
 from nativert.backend.delegates.tensorrt import TensorRtDelegate
+from nativert.delegate import Delegate, is_registered, register_delegate
+
+BUILTIN_DELEGATES: tuple[type[Delegate], ...] = (
+    TensorRtDelegate,
+    OnnxRuntimeDelegate,
+    AotiDelegate,
+    EagerDelegate,
+)
 
 
 def register_builtin_delegates() -> None:
-    # Fastest first: the default partitioner prefers the first available delegate (aoti only
-    # when asked for: it is not a default candidate).
-    builtins = (TensorRtDelegate(), OnnxRuntimeDelegate(), AotiDelegate(), EagerDelegate())
-    for delegate in builtins:
-        if delegate.backend_id not in _REGISTRY:
-            register_delegate(delegate)
+    for cls in BUILTIN_DELEGATES:
+        if not is_registered(cls.backend_id):
+            register_delegate(cls())
 
 
 __all__ = [
+    "BUILTIN_DELEGATES",
     "AotiDelegate",
-    "AotiExecutor",
     "EagerDelegate",
-    "EagerExecutor",
     "OnnxRuntimeDelegate",
     "TensorRtDelegate",
     "register_builtin_delegates",

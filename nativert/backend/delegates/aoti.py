@@ -41,7 +41,7 @@ from torch.export import ExportedProgram
 from torch.fx import Node
 
 from nativert._program import placeholder_values, unalias_outputs, validate_weights, weight_names
-from nativert.backend.delegate import Availability, CompileSpec, StagedWeights
+from nativert.delegate import Availability, CompileSpec, Delegate, StagedWeights
 from nativert.errors import DelegateCallError, DelegateCompileError, NativertError, WeightsError
 
 # Set by the delegate; a compile spec cannot change them (see the module docstring).
@@ -225,7 +225,9 @@ class AotiExecutor(StagedWeights):
         self._swap_lock.acquire_read()
         try:
             if state is self._active:
-                return tuple(self._runner.run(tensors))
+                # Inductor may return one buffer twice, a view of another output or of an
+                # input (x.view(...)): the contract promises fresh tensors.
+                return unalias_outputs(self._runner.run(tensors), (*tensors, *state.weights))
         finally:
             self._swap_lock.release_read()
         flat = (*state.weights, *tensors)  # a snapshot older than the last commit
@@ -262,13 +264,28 @@ def _has_compiler() -> str | None:
         return None
 
 
-class AotiDelegate:
+class AotiDelegate(Delegate):
     backend_id = "aoti"
-    version = "1"
+    priority = 200
     # Compiles take seconds: used only when named in a partitioner's or the compile
     # backend's delegate list.
     default_candidate = False
     cacheable = True
+    compile_spec_keys = None  # Inductor config options: checked by check_compile_specs
+
+    def check_compile_specs(self, specs: Mapping[str, Any]) -> None:
+        from torch._inductor import config
+
+        fixed = sorted(set(specs) & set(_FIXED_CONFIG))
+        if fixed:
+            raise ValueError(f"compile specs {fixed} are set by the aoti delegate")
+        known = config.get_config_copy()
+        unknown = sorted(set(specs) - set(known))
+        if unknown:
+            raise ValueError(
+                f"{unknown} are not Inductor config options (torch._inductor.config); aoti "
+                "compile specs are Inductor configs such as 'max_autotune'"
+            )
 
     def toolchain(self) -> dict[str, str]:
         return {"compiler": str(_has_compiler())}
@@ -282,9 +299,6 @@ class AotiDelegate:
         # Inductor lowers what it can and calls ATen (or the op's own kernel, for custom
         # ops) for the rest, so every tensor op runs; complex outputs need a fallback kernel.
         return None
-
-    def ops_to_preserve(self) -> frozenset[torch._ops.OpOverload]:
-        return frozenset()
 
     def preprocess(self, program: ExportedProgram, compile_specs: Sequence[CompileSpec]) -> bytes:
         config = {spec.key: spec.value for spec in compile_specs}

@@ -1,0 +1,76 @@
+"""The `onnxruntime` delegate: segments exported to ONNX and run by ONNX Runtime.
+
+export: the compile step (torch.onnx.export, weights made external); executor: sessions,
+IOBindings and staged weights; support: the table of core ATen ops it runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Sequence
+
+import torch
+from torch.export import ExportedProgram
+from torch.fx import Node
+
+from nativert.backend.delegates.onnxruntime import support
+from nativert.backend.delegates.onnxruntime.executor import OnnxRuntimeExecutor
+from nativert.backend.delegates.onnxruntime.export import export
+from nativert.delegate import Availability, CompileSpec, Delegate
+
+THREADS = "intra_op_num_threads"
+
+
+@functools.cache
+def _table():
+    return support.build_table()
+
+
+class OnnxRuntimeDelegate(Delegate):
+    backend_id = "onnxruntime"
+    priority = 300
+    cacheable = True  # payloads carry no weight data
+    thread_spec = THREADS
+    compile_spec_keys = frozenset({THREADS})
+
+    def toolchain(self) -> dict[str, str]:
+        """Versions of the exporter and runtime: part of the compile cache key."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        versions = {}
+        for package in ("onnx", "onnxscript", "onnxruntime"):
+            try:
+                versions[package] = version(package)
+            except PackageNotFoundError:
+                versions[package] = "missing"
+        return versions
+
+    def is_available(self) -> Availability:
+        missing = [
+            m for m in ("onnxruntime", "onnx", "onnxscript") if importlib.util.find_spec(m) is None
+        ]
+        if missing:
+            return Availability(False, f"missing Python packages: {', '.join(missing)}")
+        return Availability(True)
+
+    def check_support(self, node: Node) -> str | None:
+        return _table().check(node)
+
+    def ops_to_preserve(self) -> frozenset[torch._ops.OpOverload]:
+        return frozenset(support.PRESERVED)
+
+    def preprocess(self, program: ExportedProgram, compile_specs: Sequence[CompileSpec]) -> bytes:
+        return export(program, compile_specs)
+
+    def load(
+        self,
+        payload: bytes,
+        compile_specs: Sequence[CompileSpec],
+        *,
+        reference: ExportedProgram,
+    ) -> OnnxRuntimeExecutor:
+        return OnnxRuntimeExecutor(payload, compile_specs, reference)
+
+
+__all__ = ["OnnxRuntimeDelegate", "OnnxRuntimeExecutor"]

@@ -1,0 +1,269 @@
+"""The onnxruntime delegate's executor: one payload, run by ONNX Runtime.
+
+One InferenceSession per payload, run with `run_with_iobinding`. Inputs are bound by
+pointer (zero copy on CPU; re-bound only when the pointer changes) and outputs are written
+into preallocated torch tensors. Per input signature, a plan is computed once: validation,
+output shapes (from the reference graph's symbolic shapes, or a fake run) and an IOBinding,
+one per thread so concurrent callers never share one. Never numpy on the hot path, never
+`run_with_ort_values`.
+
+Weights: the payload's weight initializers are external; every session gets the torch tensors
+through `SessionOptions.add_external_initializers` (shared, not copied). `process_weights`
+validates, then builds a staged session from the new tensors; `commit_weights` switches
+sessions atomically; calls in flight finish on the session they started with.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+from torch.fx import Node
+
+from nativert._program import placeholder_values, validate_weights, weight_names
+from nativert.backend.delegates.onnxruntime.export import external_initializers, options
+from nativert.delegate import CompileSpec, StagedWeights
+from nativert.errors import DelegateCallError, DelegateCompileError
+
+_ONNX_TYPES: dict[str, torch.dtype] = {
+    "tensor(int64)": torch.int64,
+    "tensor(int32)": torch.int32,
+    "tensor(float)": torch.float32,
+    "tensor(double)": torch.float64,
+    "tensor(bool)": torch.bool,
+}
+_NUMPY_DTYPES: dict[torch.dtype, str] = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.float16: "float16",
+    torch.int64: "int64",
+    torch.int32: "int32",
+    torch.bool: "bool",
+}
+
+
+# ORT rejects a null data pointer, which zero-element tensors have; nothing is read or
+# written through it for zero elements, so any valid pointer will do.
+_NONEMPTY = torch.empty(1)
+
+
+class _Plan:
+    """Everything a call with one input signature needs, computed once for it."""
+
+    def __init__(self, binding: Any, tensor_inputs: list, outputs: list, scalars: list) -> None:
+        self.binding = binding
+        self.tensor_inputs = tensor_inputs  # [(index, onnx input name, numpy dtype)]
+        self.outputs = outputs  # [(onnx output name, numpy dtype, shape, torch dtype)]
+        self.bound = [None] * len(tensor_inputs)  # data pointers bound last time
+        self.scalars = scalars  # tensors holding int inputs (SymInts), bound once
+
+
+class _Compiled:
+    """A session and what running it needs; replaced whole when weights change."""
+
+    def __init__(self, session: Any, keep_alive: tuple = ()) -> None:
+        self.session = session
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.input_meta = [(i.type, i.shape) for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.keep_alive = keep_alive  # tensors backing the external initializers
+        # Plans (with their IOBinding) per thread: a session runs calls concurrently, but a
+        # binding must not be shared between them.
+        self.local = threading.local()
+
+    def plans(self) -> dict[tuple, _Plan]:
+        plans = getattr(self.local, "plans", None)
+        if plans is None:
+            plans = self.local.plans = {}
+        return plans
+
+
+class OnnxRuntimeExecutor(StagedWeights):
+    """Runs one ONNX payload; see the module docstring."""
+
+    def __init__(
+        self,
+        payload: bytes,
+        compile_specs: Sequence[CompileSpec],
+        reference: ExportedProgram,
+    ) -> None:
+        import onnxruntime as ort
+
+        self._ort = ort
+        self._payload = payload
+        specs = options(compile_specs)
+        self._threads = int(specs.get("intra_op_num_threads", torch.get_num_threads()))
+        self._reference = reference
+        self.weight_names = weight_names(reference)
+        values = placeholder_values(reference)
+        self._expected = dict(zip(self.weight_names, values[: len(self.weight_names)], strict=True))
+        self._input_vals = values[len(self.weight_names) :]
+        # Only segment weights are made external: without weights there is nothing to find
+        # (and no need to import onnx to parse the payload).
+        self._external = external_initializers(payload) if self.weight_names else ()
+        missing = sorted(set(self._external) - set(self.weight_names))
+        if missing:
+            raise DelegateCompileError(
+                f"onnxruntime payload expects weights {missing} that the segment does not have"
+            )
+        self._name = "onnxruntime"
+        self._init_state(active=None if self._external else self._build({}))
+        self._shape_cache: dict[tuple, list[tuple[tuple[int, ...], torch.dtype]]] = {}
+
+    def _build(self, weights: Mapping[str, torch.Tensor]) -> _Compiled:
+        ort = self._ort
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self._threads
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Shared, not copied: ORT reads the torch tensors, which must outlive the session.
+        arrays = [weights[name].detach().contiguous().cpu() for name in self._external]
+        values = [ort.OrtValue.ortvalue_from_numpy(a.numpy()) for a in arrays]
+        if self._external:
+            so.add_external_initializers(list(self._external), values)
+        session = ort.InferenceSession(self._payload, so, providers=["CPUExecutionProvider"])
+        return _Compiled(session, (so, tuple(arrays), tuple(values)))
+
+    # -- weights ---------------------------------------------------------------------------
+    def process_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        validate_weights(self._expected, weights, owner="delegate 'onnxruntime'")
+        self._stage(self._build(weights))
+
+    # -- running ---------------------------------------------------------------------------
+    def _output_specs(self, key: tuple) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        specs = self._shape_cache.get(key)
+        if specs is None:
+            specs = self._specs_from_symbols(key) or self._specs_from_fake_run(key)
+            self._shape_cache[key] = specs
+        return specs
+
+    def _specs_from_symbols(self, key: tuple) -> list | None:
+        """Output shapes by evaluating the reference outputs' symbolic dims at the input
+        sizes; None when some output dim is not determined by input dims."""
+        import sympy
+
+        env = {}
+        for val, (shape, _) in zip(self._input_vals, key, strict=True):
+            dims = (
+                zip(val.shape, shape, strict=True)
+                if isinstance(val, torch.Tensor)
+                else [(val, shape)]
+            )
+            for dim, size in dims:
+                if isinstance(dim, torch.SymInt) and dim.node.expr.is_Symbol:
+                    env[dim.node.expr] = sympy.Integer(size)
+        specs = []
+        for out in self._reference.graph.output_node().args[0]:
+            val = out.meta.get("val") if isinstance(out, Node) else None
+            if not isinstance(val, torch.Tensor):
+                return None
+            shape = []
+            for dim in val.shape:
+                if isinstance(dim, torch.SymInt):
+                    expr = dim.node.expr.xreplace(env)
+                    if not expr.is_Integer:
+                        return None
+                    dim = int(expr)
+                shape.append(dim)
+            specs.append((tuple(shape), val.dtype))
+        return specs
+
+    def _specs_from_fake_run(self, key: tuple) -> list:
+        """Output shapes by running the reference graph on fake inputs of these sizes (with
+        the strides the reference was traced with, when the sizes are the traced ones: its
+        views may depend on them)."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        def fake(val: Any, shape: Any, dtype: torch.dtype) -> Any:
+            if not isinstance(shape, tuple):
+                return shape
+            if isinstance(val, torch.Tensor) and tuple(val.shape) == shape:
+                try:
+                    return torch.empty_strided(
+                        shape, tuple(int(s) for s in val.stride()), dtype=dtype
+                    )
+                except TypeError:  # symbolic strides
+                    pass
+            return torch.empty(shape, dtype=dtype)
+
+        with FakeTensorMode():
+            weights = [torch.empty(v.shape, dtype=v.dtype) for v in self._expected.values()]
+            args = [
+                fake(val, shape, dtype)
+                for val, (shape, dtype) in zip(self._input_vals, key, strict=True)
+            ]
+            outs = self._reference.graph_module(*weights, *args)
+        return [(tuple(int(d) for d in o.shape), o.dtype) for o in outs]
+
+    def _plan(self, compiled: _Compiled, key: tuple, inputs: Sequence[Any]) -> _Plan:
+        binding = compiled.session.io_binding()
+        tensor_inputs, shapes, scalars = [], [], []
+        for i, value in enumerate(inputs):
+            if not isinstance(value, torch.Tensor):
+                # A symbolic size computed outside the segment: the exporter made it a scalar
+                # input. The plan is keyed by its value, so bind it once here.
+                name = compiled.input_names[i]
+                onnx_type, onnx_shape = compiled.input_meta[i]
+                dtype = _ONNX_TYPES.get(onnx_type)
+                if dtype is None:
+                    raise DelegateCallError(
+                        f"onnxruntime delegate input {name!r} is a Python {type(value).__name__}"
+                        f" but the session expects {onnx_type}"
+                    )
+                scalar = torch.tensor(value, dtype=dtype).reshape([1] * len(onnx_shape))
+                binding.bind_input(
+                    name, "cpu", 0, _NUMPY_DTYPES[dtype], scalar.shape, scalar.data_ptr()
+                )
+                scalars.append(scalar)
+                shapes.append((value, None))
+                continue
+            name = compiled.input_names[i]
+            if value.device.type != "cpu":
+                raise DelegateCallError(
+                    f"onnxruntime delegate input {name!r} is on {value.device}, but this "
+                    "session runs on CPU; move inputs to CPU"
+                )
+            if value.dtype not in _NUMPY_DTYPES:
+                raise DelegateCallError(
+                    f"onnxruntime delegate input {name!r} has dtype {value.dtype}, which ONNX "
+                    "Runtime cannot take"
+                )
+            tensor_inputs.append((i, name, _NUMPY_DTYPES[value.dtype]))
+            shapes.append((tuple(value.shape), value.dtype))
+        outputs = [
+            (name, _NUMPY_DTYPES[dtype], shape, dtype)
+            for name, (shape, dtype) in zip(
+                compiled.output_names, self._output_specs(tuple(shapes)), strict=True
+            )
+        ]
+        plan = _Plan(binding, tensor_inputs, outputs, scalars)
+        compiled.plans()[key] = plan
+        return plan
+
+    def run_with(self, compiled: _Compiled, inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+        # Device is not in the key (building it per call is slow): the input loop below
+        # refuses non-CPU tensors before binding.
+        key = tuple((v.shape, v.dtype) if isinstance(v, torch.Tensor) else v for v in inputs)
+        plan = compiled.plans().get(key) or self._plan(compiled, key, inputs)
+        outputs = tuple(torch.empty(shape, dtype=dtype) for _, _, shape, dtype in plan.outputs)
+        binding, bound = plan.binding, plan.bound
+        keep = []  # contiguous copies must live until the run is over
+        for j, (i, name, np_dtype) in enumerate(plan.tensor_inputs):
+            t = inputs[i]
+            if not t.is_cpu:
+                self._plan(compiled, key, inputs)  # raises the error naming the input
+            if not t.is_contiguous():
+                t = t.contiguous()
+                keep.append(t)
+            ptr = t.data_ptr() or _NONEMPTY.data_ptr()
+            if bound[j] != ptr:  # ORT reads through the pointer at run time
+                binding.bind_input(name, "cpu", 0, np_dtype, t.shape, ptr)
+                bound[j] = ptr
+        for (name, np_dtype, shape, _), out in zip(plan.outputs, outputs, strict=True):
+            binding.bind_output(
+                name, "cpu", 0, np_dtype, shape, out.data_ptr() or _NONEMPTY.data_ptr()
+            )
+        compiled.session.run_with_iobinding(binding)
+        return outputs

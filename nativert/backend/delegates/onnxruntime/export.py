@@ -1,0 +1,92 @@
+"""The onnxruntime delegate's compile step: a segment through torch.onnx.export to a
+weight-free ONNX payload.
+
+Weights become initializers named by their targets (`optimize=False` keeps them unfolded;
+ONNX Runtime folds constants itself when it builds a session). The payload carries no weight
+data: those initializers are marked external, and every session gets the torch tensors.
+So a lowered module never holds its weights twice, and payloads stay small and weight-free
+for saving and caching.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+
+from nativert._program import weight_names
+from nativert.delegate import CompileSpec
+from nativert.errors import DelegateCompileError
+
+_EXTERNAL_MARKER = "nativert:weights"  # initializers whose data comes from the weights
+
+
+def strip_weights(proto: Any, names: set[str]) -> None:
+    """Drop the data of initializers that are segment weights; mark them external."""
+    import onnx
+
+    for init in proto.graph.initializer:
+        if init.name not in names:
+            continue
+        init.ClearField("raw_data")
+        for field in ("float_data", "int32_data", "int64_data", "double_data"):
+            init.ClearField(field)
+        del init.external_data[:]
+        init.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", _EXTERNAL_MARKER), ("offset", "0"), ("length", "0")):
+            entry = init.external_data.add()
+            entry.key, entry.value = key, value
+
+
+def external_initializers(payload: bytes) -> tuple[str, ...]:
+    import onnx
+
+    model = onnx.load_from_string(payload)
+    return tuple(
+        init.name
+        for init in model.graph.initializer
+        if any(e.key == "location" and e.value == _EXTERNAL_MARKER for e in init.external_data)
+    )
+
+
+def _export_failure(exc: BaseException) -> str:
+    """The failing node and the root cause from torch.onnx's chain of ConversionErrors."""
+    node, chain = None, []
+    while exc is not None:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        found = re.match(r"Error when translating node %(\w+) : .*?target=([\w.:]+)", first)
+        if found:
+            node = f"node {found.group(1)!r} ({found.group(2).removeprefix('torch.ops.')})"
+        chain.append(f"{type(exc).__name__}: {first}")
+        exc = exc.__cause__
+    where = f"cannot translate {node}: " if node else ""
+    return where + chain[-1]
+
+
+def options(compile_specs: Sequence[CompileSpec]) -> dict[str, Any]:
+    """The compile specs as a dict; unknown ones raise."""
+    values = {spec.key: spec.value for spec in compile_specs}
+    unknown = sorted(set(values) - {"intra_op_num_threads"})
+    if unknown:
+        raise DelegateCompileError(
+            f"onnxruntime: unknown compile specs {unknown}; valid: ['intra_op_num_threads']"
+        )
+    return values
+
+
+
+
+def export(program: ExportedProgram, compile_specs: Sequence[CompileSpec]) -> bytes:
+    """The segment as a weight-free ONNX model (bytes)."""
+    options(compile_specs)
+    try:
+        onnx_program = torch.onnx.export(program, dynamo=True, optimize=False, verbose=False)
+    except Exception as exc:
+        raise DelegateCompileError(f"torch.onnx.export failed: {_export_failure(exc)}") from exc
+    proto = onnx_program.model_proto
+    strip_weights(proto, set(weight_names(program)))
+    return proto.SerializeToString()

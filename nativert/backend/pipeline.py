@@ -1,0 +1,182 @@
+"""The one pipeline: decompose -> passes -> partition -> lower (-> passes on the result).
+
+`to_backend`, the torch.compile backend and `nativert lower` all run `lower_program`; they
+differ only in what they hand it (the settings, a partitioner, the pass lists) and where
+the program comes from. Stages:
+
+1. decompose: a program in training IR (what torch.export returns) becomes functional core
+   ATen, keeping whole the ops the partitioner's delegates ask to preserve. A program already
+   decomposed (the ATEN dialect: you ran `decompose_to_core_aten` or `run_decompositions`
+   yourself, e.g. before your own passes) is taken as it is, so what earlier passes recorded
+   in it survives. torch.compile's graphs arrive decomposed: aot_autograd traced them with the
+   same table, `nativert.passes.decomposition_table`.
+2. passes: `passes` (default DEFAULT_PIPELINE; `[]` runs none).
+3. partition: the partitioner tags a copy of the program (never the caller's graph); its
+   result is checked before anything reads it.
+4. lower: each tagged region becomes a LoweredBackendModule called through call_delegate
+   (`lowering.lower_tagged_program`); compiled payloads come from and go to the on-disk cache.
+5. after lowering: `after_lowering` passes on the lowered program (torch.compile's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch.export import ExportedProgram
+
+from nativert._program import copy_graph_module, rebuild_program
+from nativert.backend.cache import payload_cache
+from nativert.backend.lowering import lower_tagged_program
+from nativert.errors import DelegateCompileError, PartitionError
+from nativert.partitioner.base import DelegationSpec, Partitioner, PartitionResult
+from nativert.partitioner.capability import CapabilityPartitioner
+from nativert.passes import DEFAULT_PIPELINE, decompose_to_core_aten, run_passes
+from nativert.passes.manager import Pass
+from nativert.settings import Settings
+
+logger = logging.getLogger("nativert")
+PassList = Sequence[Pass | tuple[str, Pass]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoweringResult:
+    """A lowered program and what lowering it took."""
+
+    program: ExportedProgram
+    fallbacks: tuple[str, ...]  # why each region that stayed in PyTorch failed to compile
+    cache_hits: int
+    cache_misses: int
+    seconds: float
+
+
+def check_partitioner(partitioner: Any) -> Partitioner:
+    """The partitioner, or a TypeError that says what a partitioner is."""
+    if isinstance(partitioner, str):  # str has no .partition, but say what was meant
+        raise TypeError(
+            f"to_backend(program, {partitioner!r}): the second argument is a partitioner. "
+            f"To lower the whole program to one delegate write to_backend({partitioner!r}, "
+            f"program); to delegate what it supports use AllNodePartitioner({partitioner!r})"
+        )
+    if not isinstance(partitioner, Partitioner):
+        missing = [m for m in ("partition", "ops_to_preserve") if not hasattr(partitioner, m)]
+        raise TypeError(
+            f"a partitioner needs partition(program) and ops_to_preserve() methods; "
+            f"{type(partitioner).__name__} lacks {missing}"
+        )
+    return partitioner
+
+
+def decompose(program: ExportedProgram, preserve: frozenset) -> ExportedProgram:
+    """Stage 1: functional core ATen, keeping `preserve` ops whole (a program that is
+    decomposed already is returned as it is)."""
+    if is_decomposed(program):
+        return program
+    return decompose_to_core_aten(program, preserve=preserve).program
+
+
+def is_decomposed(program: ExportedProgram) -> bool:
+    """Functional ATen already (run_decompositions' output), not training IR."""
+    return program.verifiers[0].dialect == "ATEN"
+
+
+def lower_program(
+    program: ExportedProgram,
+    settings: Settings,
+    *,
+    partitioner: Partitioner | None = None,
+    passes: PassList | None = None,
+    after_lowering: PassList = (),
+    on_fallback: Callable[[DelegateCompileError], None] | None = None,
+) -> LoweringResult:
+    """Run the pipeline (see the module docstring) on `program`, which is not modified.
+
+    `partitioner`: default `CapabilityPartitioner.from_settings(settings)`. `on_fallback(error)` is
+    called for each region that fails to compile and stays in PyTorch (default: a WARNING
+    on the `nativert` logger); under `settings.strict` the error is raised instead.
+    """
+    start = time.perf_counter()
+    if partitioner is None:
+        partitioner = CapabilityPartitioner.from_settings(settings)
+    check_partitioner(partitioner)
+    if not is_decomposed(program):
+        program = decompose(program, frozenset(partitioner.ops_to_preserve()))
+    program = run_passes(program, DEFAULT_PIPELINE if passes is None else passes).program
+    # Partitioners tag, and lowering rewrites, a copy: never the caller's graph.
+    program = rebuild_program(program, copy_graph_module(program))
+    result = _partition(partitioner, program)
+
+    cache = payload_cache(settings.cache_dir)
+    fallbacks: list[str] = []
+
+    def fallback(exc: DelegateCompileError) -> None:
+        fallbacks.append(str(exc))
+        if on_fallback is not None:
+            on_fallback(exc)
+        else:
+            logger.warning("%s; the region stays in PyTorch (strict=True raises instead)", exc)
+
+    lowered = _lower(result, settings, cache, fallback)
+    if after_lowering:
+        lowered = run_passes(lowered, after_lowering).program
+    return LoweringResult(
+        program=lowered,
+        fallbacks=tuple(fallbacks),
+        cache_hits=cache.stats.hits if cache else 0,
+        cache_misses=cache.stats.misses if cache else 0,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _lower(result: PartitionResult, settings: Settings, cache, fallback) -> ExportedProgram:
+    common = dict(strict=settings.strict, cache=cache, on_fallback=fallback)
+    if not settings.progress or not result.tags:
+        return lower_tagged_program(result.tagged_program, result.tags, **common)
+    from tqdm import tqdm
+
+    with tqdm(total=len(result.tags), desc="compiling partitions", unit="region") as bar:
+
+        def advance(tag: str, spec: DelegationSpec) -> None:
+            bar.set_postfix_str(f"{tag} ({spec.backend_id})")
+            bar.update(1)
+
+        return lower_tagged_program(
+            result.tagged_program, result.tags, on_region=advance, **common
+        )
+
+
+def _fingerprint(program: ExportedProgram) -> list[tuple[str, str, str]]:
+    return [(n.name, n.op, str(n.target)) for n in program.graph.nodes]
+
+
+def _partition(partitioner: Partitioner, program: ExportedProgram) -> PartitionResult:
+    """Stage 3, with the partitioner's result checked before anything reads it."""
+    name = type(partitioner).__name__
+    before = _fingerprint(program)
+    result = partitioner.partition(program)
+    if not isinstance(result, PartitionResult):
+        raise PartitionError(
+            f"partitioner {name}.partition() returned {type(result).__name__}; it must "
+            "return nativert.PartitionResult(tagged_program, {tag: DelegationSpec})"
+        )
+    if not isinstance(result.tags, Mapping):
+        raise PartitionError(
+            f"partitioner {name} returned tags of type {type(result.tags).__name__}; "
+            "PartitionResult.tags must map each tag to a DelegationSpec"
+        )
+    for tag, spec in result.tags.items():
+        if not isinstance(spec, DelegationSpec):
+            raise PartitionError(
+                f"partitioner {name} gave tag {tag!r} the spec {spec!r}; each tag needs a "
+                "nativert.DelegationSpec(backend_id, compile_specs)"
+            )
+    tagged = result.tagged_program
+    if tagged is not program or _fingerprint(tagged) != before:
+        raise PartitionError(
+            f"partitioner {name} changed the program; partitioners may only set "
+            "node.meta['delegation_tag'] on the program they are given"
+        )
+    return result

@@ -1,0 +1,66 @@
+"""`nativert` command line: demo, lower, inspect, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+
+from nativert.cli.demo import demo
+from nativert.cli.errors import CliError
+from nativert.cli.lower import add_settings_flags, lower, settings_from_args
+from nativert.cli.package import bench, inspect
+
+__all__ = ["CliError", "add_settings_flags", "main", "settings_from_args"]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nativert", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("demo", help="lower the built-in models and check them against eager")
+    p = commands.add_parser("lower", help="export, lower and save a model from a factory")
+    p.add_argument("factory", help="FILE.py:FACTORY; FACTORY() returns (model, example_args)")
+    p.add_argument("-o", "--output", required=True, help="the .pt2 file to write")
+    p.add_argument("--dynamic-batch", action="store_true", help="dim 0 of every input dynamic")
+    add_settings_flags(p)
+    p = commands.add_parser("inspect", help="what a saved package holds")
+    p.add_argument("package")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = commands.add_parser("bench", help="latency and throughput of a package's Executor")
+    p.add_argument("package")
+    p.add_argument("--threads", type=_positive, default=1)
+    p.add_argument("--runs", type=_positive, default=200)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--size", type=_positive, default=4, help="size of dynamic dims")
+    p.add_argument("--profile", action="store_true", help="also the per-node profile")
+    args = parser.parse_args(argv)
+    # torch 2.13's own run_decompositions deep-copies pytree specs through a deprecated
+    # LeafSpec check and warns on every export; it says nothing about the user's model.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    run = {"demo": demo, "lower": lower, "inspect": inspect, "bench": bench}[args.command]
+    try:
+        return run(args)
+    except BrokenPipeError:  # `nativert inspect x.pt2 --json | head`: the reader left
+        sys.stderr.close()
+        return 0
+    except Exception as exc:
+        if args.debug:
+            raise
+        what = str(exc) if isinstance(exc, CliError) else f"{type(exc).__name__}: {exc}"
+        lines = what.strip().splitlines() or [type(exc).__name__]
+        print(f"nativert {args.command}: error: {lines[0]}", file=sys.stderr)
+        print("(run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""The two delegate contracts: `Delegate` (compile time) and `DelegateExecutor` (run time).
+
+A *delegate* is a backend at compile time: it says which nodes it can run, which ops it wants
+kept whole by decomposition, and turns a segment (an ExportedProgram) into payload bytes.
+A *delegate executor* is the same backend at run time, built from those bytes by
+`Delegate.load`: it owns its compiled payload and weights and runs flat lists of tensors.
+
+Every member nativert reads is declared on `Delegate` with its default, so a delegate states
+what it is by overriding, and nothing is probed with getattr.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch.export import ExportedProgram
+from torch.fx import Node
+
+from nativert.errors import WeightsError
+
+JSONValue = Any  # str | int | float | bool | None | list | dict of those
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileSpec:
+    """One named compile option for a delegate. Values must be JSON-serialisable."""
+
+    key: str
+    value: JSONValue
+
+
+def dict_to_specs(options: Mapping[str, JSONValue] | None) -> list[CompileSpec]:
+    return [CompileSpec(key, value) for key, value in sorted((options or {}).items())]
+
+
+@dataclasses.dataclass(frozen=True)
+class Availability:
+    """Whether a delegate's runtime can be used here; falsy with the reason when it cannot."""
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+@runtime_checkable
+class DelegateExecutor(Protocol):
+    """A delegate at run time: what `Delegate.load` returns and what the Executor calls.
+
+    Weights are named by the segment's weight targets (the original FQNs). `run` takes the
+    segment's non-weight inputs in order and returns a tuple of *new* tensors: outputs never
+    alias inputs, weights or each other (callers rely on it, as torch's HOP tracing does).
+
+    The weight life cycle: `init_weights` = `process_weights` + `commit_weights`;
+    `process_weights` validates and stages (a failure changes nothing); `commit_weights`
+    switches to the staged weights atomically; `discard_weights` drops them. `active_state()`
+    is the committed state and `run_with(state, inputs)` runs on exactly that snapshot, so a
+    program-wide swap across several delegates is atomic (the Executor relies on it).
+    `StagedWeights` implements all of this around two methods.
+    """
+
+    def init_weights(self, weights: Mapping[str, torch.Tensor]) -> None: ...
+
+    def process_weights(self, weights: Mapping[str, torch.Tensor]) -> None: ...
+
+    def commit_weights(self) -> None: ...
+
+    def discard_weights(self) -> None: ...
+
+    def active_state(self) -> Any: ...
+
+    def run_with(self, state: Any, inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]: ...
+
+    def run(self, inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]: ...
+
+
+class Delegate(abc.ABC):
+    """A delegate at compile time. Subclass it, set `backend_id`, implement the three
+    abstract methods, and override the defaults that do not fit.
+
+    Attributes (class-level defaults):
+        backend_id: the name partitioners, settings and packages use.
+        version: of the payload format; a package written by another version runs its
+            reference program instead (or fails under strict loading).
+        priority: order among delegates, higher first (built-ins: tensorrt 400,
+            onnxruntime 300, aoti 200, eager 0). Ties go by backend_id.
+        reference: a reference, not a fast path (eager): default partitioning uses it only
+            when no other delegate is available.
+        default_candidate: False for delegates used only when named (aoti: compiles take
+            seconds).
+        cacheable: payloads depend only on the segment's graph, specs and versions, never on
+            weight values, so the on-disk payload cache may reuse them.
+        thread_spec: the compile-spec key that sets this delegate's intra-op thread count;
+            the `num_threads` setting fills it in. None: the delegate takes no thread count.
+        compile_spec_keys: the compile specs it accepts; None accepts any key (then
+            `check_compile_specs` should check them).
+    """
+
+    backend_id: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    priority: ClassVar[int] = 100
+    reference: ClassVar[bool] = False
+    default_candidate: ClassVar[bool] = True
+    cacheable: ClassVar[bool] = False
+    thread_spec: ClassVar[str | None] = None
+    compile_spec_keys: ClassVar[frozenset[str] | None] = frozenset()
+
+    def is_available(self) -> Availability:
+        """Whether its runtime works here; falsy with the reason (what to install) if not."""
+        return Availability(True)
+
+    def toolchain(self) -> dict[str, str]:
+        """Versions of the tools it compiles with: part of the cache key, and shown by
+        `nativert inspect`."""
+        return {}
+
+    @abc.abstractmethod
+    def check_support(self, node: Node) -> str | None:
+        """None when this delegate can run `node`, else a short reason why not."""
+
+    def ops_to_preserve(self) -> frozenset[torch._ops.OpOverload]:
+        """Ops that decomposition must keep whole because this delegate runs them better."""
+        return frozenset()
+
+    def check_compile_specs(self, specs: Mapping[str, JSONValue]) -> None:
+        """Raise ValueError naming a compile spec this delegate does not take."""
+        if self.compile_spec_keys is None:
+            return
+        unknown = sorted(set(specs) - self.compile_spec_keys)
+        if unknown:
+            raise ValueError(
+                f"delegate {self.backend_id!r} has no compile specs {unknown}; valid: "
+                f"{sorted(self.compile_spec_keys)}"
+            )
+
+    @abc.abstractmethod
+    def preprocess(self, program: ExportedProgram, compile_specs: Sequence[CompileSpec]) -> bytes:
+        """Compile a segment (weights lifted as its first placeholders) to payload bytes."""
+
+    @abc.abstractmethod
+    def load(
+        self,
+        payload: bytes,
+        compile_specs: Sequence[CompileSpec],
+        *,
+        reference: ExportedProgram,
+    ) -> DelegateExecutor:
+        """A new executor for `payload`; `reference` is the segment's program."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.backend_id!r}>"
+
+
+class StagedWeights:
+    """The weight life cycle of DelegateExecutor, around two methods a subclass writes:
+    `process_weights` (validate, build the run state, hand it to `_stage`) and
+    `run_with(state, inputs)`. `commit_weights` makes the staged state active (extend
+    `_activate` when the runtime must switch too); `run` reads it once, so a concurrent commit
+    never tears a call.
+    """
+
+    _name: str = "delegate"
+    weight_names: tuple[str, ...] = ()
+
+    def _init_state(self, active: Any = None) -> None:
+        self._active = active
+        self._staged: Any = None
+        self._stage_lock = threading.Lock()
+
+    def process_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def run_with(self, state: Any, inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def init_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        self.process_weights(weights)
+        self.commit_weights()
+
+    def _stage(self, state: Any) -> None:
+        with self._stage_lock:
+            self._staged = state
+
+    def commit_weights(self) -> None:
+        with self._stage_lock:
+            if self._staged is None:
+                raise WeightsError(
+                    f"delegate {self._name!r}: commit_weights() called with nothing staged; "
+                    "call process_weights(weights) first"
+                )
+            self._activate(self._staged)
+            self._staged = None
+
+    def _activate(self, staged: Any) -> None:
+        """Make `staged` the active state (called by commit_weights, under the stage lock)."""
+        self._active = staged
+
+    def discard_weights(self) -> None:
+        with self._stage_lock:
+            self._staged = None
+
+    def active_state(self) -> Any:
+        state = self._active
+        if state is None:
+            raise WeightsError(
+                f"delegate {self._name!r}: run() before init_weights(); it needs "
+                f"{list(self.weight_names)}"
+            )
+        return state
+
+    def run(self, inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+        return self.run_with(self.active_state(), inputs)

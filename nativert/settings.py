@@ -1,0 +1,240 @@
+"""One settings object for every entry point: `to_backend`, `torch.compile` and the CLI.
+
+`Settings` is a frozen dataclass: every option, its default and its check live here, once.
+`to_backend(ep, **options)` and `torch.compile(..., options={...})` take its field names;
+`nativert lower` has one flag per field, generated from each field's `cli` metadata (a test
+walks the three surfaces, so a new field cannot be missing from one of them). Values are
+validated on construction, and an error names the setting and says what it takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from nativert.delegate.contract import CompileSpec, Delegate, dict_to_specs
+from nativert.delegate.registry import get_delegate
+from nativert.errors import SettingsError, UnknownDelegateError
+
+DEFAULT_CACHE = "default"  # $NATIVERT_CACHE_DIR, else ~/.cache/nativert
+
+OpLike = torch._ops.OpOverload | torch._ops.OpOverloadPacket | str
+
+
+@dataclasses.dataclass(frozen=True)
+class Cli:
+    """How a setting is spelled on the command line (`nativert lower`).
+
+    kind: "list" (comma-separated), "int", "bool" (--x / --no-x), "path" ("none": None) or
+    "spec" (repeatable DELEGATE.KEY=VALUE, the value read as JSON when it parses).
+    """
+
+    flag: str
+    kind: str
+    metavar: str | None = None
+
+
+def _setting(default: Any = None, *, help: str, cli: Cli, factory: Any = None) -> Any:
+    meta = {"help": help, "cli": cli}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def normalize_op(op: OpLike) -> str:
+    """'namespace::name' (any overload matches) or a full overload name ('aten::add.Tensor')."""
+    if isinstance(op, torch._ops.OpOverload):
+        return op.name()
+    if isinstance(op, torch._ops.OpOverloadPacket):
+        return op._qualified_op_name
+    if isinstance(op, str) and "::" in op:
+        return op
+    raise SettingsError(f"ops are OpOverloads or 'namespace::name' strings, got {op!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every nativert option, with its default. Construct with keywords; invalid values
+    raise SettingsError (or UnknownDelegateError for a backend id nobody registered)."""
+
+    delegates: tuple[str, ...] | None = _setting(
+        help="backend ids in priority order (default: every available fast delegate)",
+        cli=Cli("--delegates", "list", "A,B"),
+    )
+    min_block_size: int = _setting(
+        1,
+        help="regions with fewer compute nodes stay in PyTorch",
+        cli=Cli("--min-block-size", "int", "N"),
+    )
+    exclude_ops: tuple[str, ...] = _setting(
+        (),
+        help="ops ('aten::relu' or OpOverloads) that always stay in PyTorch",
+        cli=Cli("--exclude-ops", "list", "OP,OP"),
+    )
+    allow_single_node_ops: tuple[str, ...] = _setting(
+        (),
+        help="ops whose regions are kept even below min_block_size",
+        cli=Cli("--allow-single-node-ops", "list", "OP,OP"),
+    )
+    compile_specs: Mapping[str, Mapping[str, Any]] = _setting(
+        help="per delegate, its compile options: {backend_id: {key: value}}",
+        cli=Cli("--compile-spec", "spec", "DELEGATE.KEY=VALUE"),
+        factory=dict,
+    )
+    num_threads: int | None = _setting(
+        help="intra-op threads of each delegate that takes a thread count (default: torch's)",
+        cli=Cli("--num-threads", "int", "N"),
+    )
+    strict: bool = _setting(
+        False,
+        help="a region that fails to compile raises instead of staying in PyTorch",
+        cli=Cli("--strict", "bool"),
+    )
+    cache_dir: str | None = _setting(
+        DEFAULT_CACHE,
+        help="payload cache ('default': $NATIVERT_CACHE_DIR or ~/.cache/nativert; None: off)",
+        cli=Cli("--cache-dir", "path", "DIR|none"),
+    )
+    progress: bool = _setting(
+        False,
+        help="show a progress bar over the regions as they compile (on stderr)",
+        cli=Cli("--progress", "bool"),
+    )
+    autotune: bool = _setting(
+        False,
+        help="reserved: choose each region's delegate by measurement (not built yet)",
+        cli=Cli("--autotune", "bool"),
+    )
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "delegates", _delegates(self.delegates))
+        _int(self.min_block_size, "min_block_size", minimum=1)
+        for name in ("exclude_ops", "allow_single_node_ops"):
+            set_(self, name, _ops(getattr(self, name), name))
+        set_(self, "compile_specs", _compile_specs(self.compile_specs))
+        if self.num_threads is not None:
+            _int(self.num_threads, "num_threads", minimum=1)
+        for name in ("strict", "progress", "autotune"):
+            if not isinstance(getattr(self, name), bool):
+                raise SettingsError(
+                    f"setting {name} must be True or False, got {getattr(self, name)!r}"
+                )
+        cache_dir = self.cache_dir
+        if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+            raise SettingsError(
+                f"setting cache_dir must be a path, {DEFAULT_CACHE!r} or None (no cache), "
+                f"got {cache_dir!r}"
+            )
+        set_(self, "cache_dir", None if cache_dir is None else os.fspath(cache_dir))
+        if self.autotune:
+            raise NotImplementedError(
+                "setting autotune=True is reserved and not built yet; leave it False"
+            )
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_options(cls, options: Settings | Mapping[str, Any] | None = None, **more: Any):
+        """Settings from a dict of options (torch.compile's `options=`) and/or keywords;
+        unknown names raise an error that lists the valid ones."""
+        if isinstance(options, Settings):
+            return dataclasses.replace(options, **_known(more)) if more else options
+        if options is not None and not isinstance(options, Mapping):
+            raise SettingsError(
+                f"nativert options must be a dict of settings, got {type(options).__name__}"
+            )
+        return cls(**_known({**(options or {}), **more}))
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **_known(changes))
+
+    def specs_for(self, delegate: Delegate) -> tuple[CompileSpec, ...]:
+        """The compile specs a delegate gets: its entry in `compile_specs`, plus
+        `num_threads` under the delegate's `thread_spec` key unless set there."""
+        specs = dict(self.compile_specs.get(delegate.backend_id, {}))
+        if self.num_threads is not None and delegate.thread_spec is not None:
+            specs.setdefault(delegate.thread_spec, self.num_threads)
+        return tuple(dict_to_specs(specs))
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["compile_specs"] = {k: dict(v) for k, v in self.compile_specs.items()}
+        return values
+
+
+def _known(options: Mapping[str, Any]) -> dict[str, Any]:
+    valid = Settings.names()
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise SettingsError(f"unknown nativert setting(s) {unknown}; valid settings: {valid}")
+    return dict(options)
+
+
+def _int(value: Any, name: str, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SettingsError(f"setting {name} must be an int >= {minimum}, got {value!r}")
+
+
+def _delegates(delegates: Any) -> tuple[str, ...] | None:
+    if delegates is None:
+        return None
+    if isinstance(delegates, str) or not isinstance(delegates, Iterable):
+        raise SettingsError(
+            f"setting delegates must be a list of backend ids, got {delegates!r}"
+            + (f"; write [{delegates!r}]" if isinstance(delegates, str) else "")
+        )
+    delegates = tuple(delegates)
+    for backend_id in delegates:
+        if not isinstance(backend_id, str):
+            raise SettingsError(f"setting delegates holds {backend_id!r}, not a backend id")
+        try:
+            get_delegate(backend_id)
+        except UnknownDelegateError as exc:
+            raise UnknownDelegateError(f"setting delegates: {exc}") from None
+    if len(set(delegates)) != len(delegates):
+        raise SettingsError(f"setting delegates names a delegate twice: {list(delegates)}")
+    return delegates
+
+
+def _ops(ops: Any, name: str) -> tuple[str, ...]:
+    if isinstance(ops, (str, torch._ops.OpOverload)) or not isinstance(ops, Iterable):
+        raise SettingsError(f"setting {name} must be a list of ops, got {ops!r}; write [{ops!r}]")
+    try:
+        return tuple(normalize_op(op) for op in ops)
+    except SettingsError as exc:
+        raise SettingsError(f"setting {name}: {exc}") from None
+
+
+def _compile_specs(specs: Any) -> Mapping[str, Mapping[str, Any]]:
+    if not isinstance(specs, Mapping):
+        raise SettingsError(
+            f"setting compile_specs must be a dict {{backend_id: {{key: value}}}}, got {specs!r}"
+        )
+    frozen = {}
+    for backend_id, options in specs.items():
+        where = f"setting compile_specs[{backend_id!r}]"
+        try:
+            delegate = get_delegate(backend_id)
+        except UnknownDelegateError as exc:
+            raise UnknownDelegateError(f"{where}: {exc}") from None
+        if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+            raise SettingsError(f"{where} must be a dict of named options, got {options!r}")
+        try:
+            json.dumps(dict(options))
+        except (TypeError, ValueError) as exc:
+            raise SettingsError(f"{where}: values must be JSON data ({exc})") from None
+        try:
+            delegate.check_compile_specs(options)
+        except ValueError as exc:
+            raise SettingsError(f"{where}: {exc}") from None
+        frozen[backend_id] = types.MappingProxyType(dict(options))
+    return types.MappingProxyType(frozen)
