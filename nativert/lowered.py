@@ -34,6 +34,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
 from nativert._program import find_nondifferentiable_outputs, weight_names, weight_tensor
+from nativert._program.inputs import InputSpecs
 from nativert.call_delegate import call_delegate
 from nativert.delegate import CompileSpec, DelegateExecutor, ReferenceExecutor, get_delegate
 from nativert.errors import DelegateCallError, DelegateLoadError, NativertError
@@ -157,6 +158,7 @@ class LoweredBackendModule(torch.nn.Module):
             for spec in original_module.graph_signature.input_specs
             if spec.kind == InputKind.USER_INPUT
         )
+        self._input_specs: InputSpecs | None = None  # built on the first dense call
         # Shared by this module's views and copies that share its weights; loads nothing yet.
         self._runtime = runtime or DelegateRuntime(self.load_executor, names)
         # Not a registered submodule: a child would show up in parameters() and state_dict().
@@ -297,8 +299,14 @@ class LoweredBackendModule(torch.nn.Module):
 
     # -- running ---------------------------------------------------------------------------
     def run_delegate(self, flat_args: Sequence[Any]) -> tuple[torch.Tensor, ...]:
-        """Run the delegate on real tensors (weights first, then inputs)."""
+        """Run the delegate on real tensors (weights first, then inputs), after checking the
+        inputs against the segment's signature (once per signature)."""
         self.check_arity(flat_args)
+        specs = self._input_specs
+        if specs is None:
+            owner = f"segment {self.module_name!r} (delegate {self.backend_id!r})"
+            specs = self._input_specs = InputSpecs(self.original_module, owner=owner)
+        specs.validate(flat_args[self._num_weights :])
         return self._runtime.run(flat_args)
 
     def run_reference(self, flat_args: Sequence[Any]) -> tuple[Any, ...]:

@@ -32,10 +32,12 @@ def hop_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     ]
 
 
-def lowered_mlp(dtype=torch.float32):
+def lowered_mlp(dtype=torch.float32, *, dynamic_batch: bool = False):
     model, (x,) = make("mlp")
     model, x = model.to(dtype), x.to(dtype)
-    return model, x, nativert.to_backend("eager", torch.export.export(model, (x,)))
+    shapes = ({0: torch.export.Dim("batch", max=64)},) if dynamic_batch else None
+    program = torch.export.export(model, (x,), dynamic_shapes=shapes)
+    return model, x, nativert.to_backend("eager", program)
 
 
 @pytest.fixture
@@ -95,8 +97,9 @@ def test_make_fx_real(mlp):
 
 
 @pytest.mark.parametrize("mode", ["fake", "symbolic"])
-def test_make_fx_fake_and_symbolic(mlp, mode):
-    model, x, lowered = mlp
+def test_make_fx_fake_and_symbolic(mode):
+    # A segment runs at the sizes it was exported for: a dynamic batch, to run at another.
+    model, x, lowered = lowered_mlp(dynamic_batch=True)
     wrapper = Wrapper(lowered)
     params = dict(wrapper.named_parameters())
 

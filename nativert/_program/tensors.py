@@ -31,6 +31,11 @@ def validate_weights(
             raise WeightsError(
                 f"{owner}: weight {name!r} must be a Tensor, got {type(got).__name__}"
             )
+        if got.layout != torch.strided:
+            raise WeightsError(
+                f"{owner}: weight {name!r} is a {got.layout} tensor; delegates take dense "
+                f"weights: pass {name!r}.to_dense()"
+            )
         if got.dtype != want.dtype:
             raise WeightsError(
                 f"{owner}: weight {name!r} has dtype {got.dtype}, expected {want.dtype}"
@@ -67,3 +72,10 @@ def unalias_outputs(outputs: Iterable[Any], inputs: Sequence[Any]) -> tuple[Any,
             seen.add(key)
         fresh.append(out)
     return tuple(fresh)
+
+
+def storage_reach(size: Sequence[int], stride: Sequence[int], offset: int) -> int:
+    """How many storage elements a strided view reaches (0 for an empty tensor)."""
+    if not all(size):
+        return 0
+    return offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1

@@ -34,9 +34,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_settings_flags(p)
     p = commands.add_parser("inspect", help="what a saved package holds")
     p.add_argument("package")
+    p.add_argument(
+        "--trust-native-code",
+        action="store_true",
+        help="load aoti/tensorrt segments: their payloads are native code that runs on load",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = commands.add_parser("bench", help="latency and throughput of a package's Executor")
     p.add_argument("package")
+    p.add_argument(
+        "--trust-native-code",
+        action="store_true",
+        help="load aoti/tensorrt segments: their payloads are native code that runs on load",
+    )
     p.add_argument("--threads", type=_positive, default=1)
     p.add_argument("--runs", type=_positive, default=200)
     p.add_argument("--warmup", type=int, default=20)

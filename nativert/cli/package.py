@@ -33,7 +33,7 @@ def inspect(args: argparse.Namespace) -> int:
     from nativert.backend.package import read_manifest
 
     manifest = read_manifest(args.package)
-    program = nativert.load(args.package)
+    program = nativert.load(args.package, trust_native_code=args.trust_native_code)
     report = nativert.delegation_report(program)
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     ranges = dict(program.range_constraints)
@@ -128,7 +128,7 @@ def bench(args: argparse.Namespace) -> int:
 
     import nativert
 
-    program = nativert.load(args.package)
+    program = nativert.load(args.package, trust_native_code=args.trust_native_code)
     executor = nativert.Executor(program)
     inputs = _random_inputs(program, args.size)
     samples: list[float] = []

@@ -100,6 +100,10 @@ class Delegate(abc.ABC):
             the `num_threads` setting fills it in. None: the delegate takes no thread count.
         compile_spec_keys: the compile specs it accepts; None accepts any key (then
             `check_compile_specs` should check them).
+        executes_native_code: loading a payload runs native code (a shared library, an
+            engine), so `nativert.load` refuses such segments of a package unless the caller
+            trusts the file. True by default: nativert cannot know what a third-party
+            delegate's payload does.
     """
 
     backend_id: ClassVar[str] = ""
@@ -110,6 +114,7 @@ class Delegate(abc.ABC):
     cacheable: ClassVar[bool] = False
     thread_spec: ClassVar[str | None] = None
     compile_spec_keys: ClassVar[frozenset[str] | None] = frozenset()
+    executes_native_code: ClassVar[bool] = True
 
     def is_available(self) -> Availability:
         """Whether its runtime works here; falsy with the reason (what to install) if not."""
@@ -138,6 +143,12 @@ class Delegate(abc.ABC):
                 f"delegate {self.backend_id!r} has no compile specs {unknown}; valid: "
                 f"{sorted(self.compile_spec_keys)}"
             )
+
+    def check_payload(self, payload: bytes) -> None:
+        """Raise ValueError if `payload`, from a package nobody vouches for, must not be
+        loaded (e.g. it points the runtime at files); called by `nativert.load`. The
+        default accepts every payload."""
+        return None
 
     @abc.abstractmethod
     def preprocess(self, program: ExportedProgram, compile_specs: Sequence[CompileSpec]) -> bytes:

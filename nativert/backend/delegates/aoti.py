@@ -272,6 +272,7 @@ class AotiDelegate(Delegate):
     default_candidate = False
     cacheable = True
     compile_spec_keys = None  # Inductor config options: checked by check_compile_specs
+    executes_native_code = True  # the payload is a shared library
 
     def check_compile_specs(self, specs: Mapping[str, Any]) -> None:
         from torch._inductor import config

@@ -24,6 +24,7 @@ class EagerDelegate(Delegate):
     # is available (delegating to it costs a call and speeds nothing up).
     reference = True
     cacheable = True  # its payload is empty
+    executes_native_code = False
 
     def check_support(self, node: Node) -> str | None:
         return None

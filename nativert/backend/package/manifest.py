@@ -1,9 +1,10 @@
-"""The nativert manifest of a package: a versioned JSON header, and the program builder that
-save and load share.
+"""The nativert manifest of a package, and the segment-program builder save and load share.
 
-`extra/nativert/manifest.json` records each delegate's backend id, delegate version,
-toolchain versions, compile specs, weight inputs, input/output names, mutated and
-non-differentiable indices, and the partition reasons for the delegation report.
+`extra/nativert/manifest.json` is a versioned JSON header: the size and SHA-256 of every
+other member of the archive, and per delegate its backend id, delegate and toolchain
+versions, compile specs, weight inputs, input/output names, mutated and non-differentiable
+indices, plus the partition reasons for the delegation report. A loader checks its shape
+before reading anything it names (`check_manifest`).
 """
 
 from __future__ import annotations
@@ -11,17 +12,23 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from typing import Any
 
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
+from torch.export.pt2_archive.constants import EXTRA_DIR
 
 from nativert._program import program_from_graph
+from nativert.backend.package.archive import Archive
 from nativert.errors import PackageError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: member digests; format 1 files cannot be checked and are refused
 MANIFEST = "nativert/manifest.json"
+MANIFEST_MEMBER = f"{EXTRA_DIR}{MANIFEST}"
 TOP = "model"
+_MANIFEST_LIMIT = 64 << 20
+_NAME = re.compile(r"[A-Za-z0-9_]+\Z")
 
 
 def program_with_inputs(
@@ -45,32 +52,94 @@ def program_with_inputs(
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The nativert manifest of a package (delegates, versions, specs), without loading it."""
-    from torch.export.pt2_archive._package import PT2ArchiveReader
-
+    """The nativert manifest of a package (delegates, versions, specs), checked, without
+    loading the programs."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise PackageError(f"{path}: no such file")
-    try:
-        with PT2ArchiveReader(path) as reader:
-            return manifest_of(reader, set(reader.get_file_names()), path)
-    except PackageError:
-        raise
-    except Exception as exc:
-        raise PackageError(f"{path}: cannot read its manifest: {exc}") from exc
+    with Archive(path) as archive:
+        return manifest_of(archive)
 
 
-def manifest_of(reader: Any, files: set[str], path: str) -> dict[str, Any]:
-    from torch.export.pt2_archive.constants import EXTRA_DIR
-
-    if f"{EXTRA_DIR}{MANIFEST}" not in files:
+def manifest_of(archive: Archive) -> dict[str, Any]:
+    """Read and check the manifest (it vouches for every other member, so it is the one
+    member read without a digest)."""
+    path = archive.path
+    if MANIFEST_MEMBER not in archive.names():
         raise PackageError(
             f"{path} has no nativert manifest: it was not written by nativert.save "
             "(plain programs load with torch.export.load)"
         )
     try:
-        return json.loads(reader.read_string(f"{EXTRA_DIR}{MANIFEST}"))
+        manifest = json.loads(archive.read(MANIFEST_MEMBER, limit=_MANIFEST_LIMIT))
     except ValueError as exc:
         raise PackageError(f"{path}: the nativert manifest is not valid JSON: {exc}") from exc
+    check_manifest(manifest, path)
+    return manifest
 
 
+def check_manifest(manifest: Any, path: str) -> None:
+    """Raise PackageError unless the manifest has the shape `save` writes."""
+    if not isinstance(manifest, dict) or manifest.get("format") != "nativert":
+        raise PackageError(f"{path}: the nativert manifest is not a nativert manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        hint = " (re-save the program to add member digests)" if version == 1 else ""
+        raise PackageError(
+            f"{path}: nativert package format {version!r}; this nativert reads format "
+            f"{FORMAT_VERSION}{hint}"
+        )
+
+    def bad(what: str) -> PackageError:
+        return PackageError(f"{path}: the nativert manifest has a malformed {what}")
+
+    entries = manifest.get("delegates")
+    if not isinstance(entries, list):
+        raise bad("delegate list")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise bad(f"delegate entry {i}")
+        for key in ("module_name", "backend_id", "delegate_version"):
+            if not isinstance(entry.get(key), str):
+                raise bad(f"{key} in delegate entry {i}")
+        if not _NAME.match(entry["module_name"]):
+            raise bad(f"module_name {entry['module_name']!r}")
+        if entry.get("program") != f"nativert_segment_{i}" or entry.get("payload") != (
+            f"nativert/{i}.bin"
+        ):
+            raise bad(f"program or payload name in delegate entry {i}")
+        _check_entry_lists(entry, i, bad)
+    reasons = manifest.get("reasons", {})
+    if not isinstance(reasons, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in reasons.items()
+    ):
+        raise bad("reasons table")
+
+
+def _check_entry_lists(entry: dict, i: int, bad) -> None:
+    specs = entry.get("compile_specs")
+    if not isinstance(specs, list) or not all(
+        isinstance(s, list) and len(s) == 2 and isinstance(s[0], str) for s in specs
+    ):
+        raise bad(f"compile_specs in delegate entry {i}")
+    for key in ("inputs", "outputs"):
+        if not isinstance(entry.get(key), list):
+            raise bad(f"{key} in delegate entry {i}")
+    for key in ("mutated_arg_indices", "nondifferentiable_outputs"):
+        values = entry.get(key)
+        if not isinstance(values, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+        ):
+            raise bad(f"{key} in delegate entry {i}")
+    weights = entry.get("weights")
+    if not isinstance(weights, list):
+        raise bad(f"weights in delegate entry {i}")
+    for w in weights:
+        if not (
+            isinstance(w, dict)
+            and w.get("kind") in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR")
+            and isinstance(w.get("target"), str)
+            and isinstance(w.get("source"), str)
+            and w.get("persistent") in (True, False, None)
+        ):
+            raise bad(f"weight {w!r} in delegate entry {i}")

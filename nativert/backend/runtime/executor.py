@@ -29,7 +29,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx import GraphModule, Node
 
 from nativert._program import WEIGHT_KINDS, weight_tensor
-from nativert.backend.runtime.inputs import InputSpecs
+from nativert._program.inputs import InputSpecs
 from nativert.backend.runtime.profile import ProfileRow, ProfileTable
 from nativert.backend.runtime.weights import validate_update
 from nativert.call_delegate import call_delegate

@@ -186,10 +186,12 @@ def test_package_loads_and_runs_in_a_fresh_process(mlp, mlp_partial, tmp_path):
     model, _, _ = mlp
     path = tmp_path / "mlp_aoti.pt2"
     nativert.save(mlp_partial, path)
+    with pytest.raises(nativert.PackageError, match="'aoti' payload, which is native code"):
+        nativert.load(path)  # a library runs when it loads: only for files you trust
     code = textwrap.dedent(
         f"""
         import json, torch, nativert
-        program = nativert.load({str(path)!r})
+        program = nativert.load({str(path)!r}, trust_native_code=True)
         x = torch.arange(5 * 32, dtype=torch.float32).reshape(5, 32) / 100
         with torch.no_grad():
             out = nativert.Executor(program)(x)

@@ -1,19 +1,19 @@
-"""nativert.save / nativert.load: round trips, fresh processes, fallbacks, hostile files."""
+"""nativert.save / nativert.load: round trips, fresh processes, fallbacks (hostile files:
+test_untrusted.py)."""
 
 from __future__ import annotations
 
 import json
-import pickle
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch
 
 import nativert
 from nativert.backend.delegates.onnxruntime import OnnxRuntimeDelegate
+from tests.backend.package.crafting import MANIFEST, edit_json, rewrite, trap_bytes
 from tests.conftest import assert_close
 from tests.models import make
 
@@ -117,62 +117,7 @@ def test_missing_runtime_is_an_error_when_strict(saved, ort_missing):
         nativert.load(path, strict=True)
 
 
-# -- hostile and broken files -------------------------------------------------------------
-class Trap:
-    """Unpickling this creates a file: proof that code ran."""
-
-    marker = ""
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def rewrite(src: Path, dst: Path, replace: dict[str, bytes]) -> None:
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
-        for item in zin.infolist():
-            data = replace.get(item.filename.split("/", 1)[1], zin.read(item.filename))
-            zout.writestr(item, data)
-
-
-def trap_bytes(marker: Path) -> bytes:
-    trap = Trap()
-    trap.marker = str(marker)
-    return pickle.dumps(trap)
-
-
-def test_sample_inputs_are_never_unpickled(saved, tmp_path):
-    model, inputs, _, path = saved
-    marker = tmp_path / "pwned"
-    hostile = tmp_path / "hostile.pt2"
-    rewrite(path, hostile, {"data/sample_inputs/model.pt": trap_bytes(marker)})
-    loaded = nativert.load(hostile)
-    assert not marker.exists()
-    with torch.no_grad():
-        assert_close(loaded.module()(*inputs), model(*inputs))
-
-
-def test_pickled_weights_are_refused(saved, tmp_path):
-    _, _, _, path = saved
-    marker = tmp_path / "pwned"
-    with zipfile.ZipFile(path) as archive:
-        config_name = next(n for n in archive.namelist() if n.endswith("model_weights_config.json"))
-        config = json.loads(archive.read(config_name))
-    fqn, entry = next(iter(config["config"].items()))
-    entry["use_pickle"] = True
-    hostile = tmp_path / "hostile.pt2"
-    rewrite(
-        path,
-        hostile,
-        {
-            config_name.split("/", 1)[1]: json.dumps(config).encode(),
-            f"data/weights/{entry['path_name']}": trap_bytes(marker),
-        },
-    )
-    with pytest.raises(nativert.PackageError, match=rf"weight '{fqn}' .* stored as a pickle"):
-        nativert.load(hostile)
-    assert not marker.exists()
-
-
+# -- constants (hostile ones: test_untrusted.py) -------------------------------------------
 class WithConstant(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -223,40 +168,6 @@ def test_pickled_constants_and_custom_objects_are_refused(
     with pytest.raises(nativert.PackageError, match=message):
         nativert.load(hostile)
     assert not marker.exists()
-
-
-def test_truncated_corrupted_missing_and_foreign_files(saved, tmp_path):
-    _, _, _, path = saved
-    data = path.read_bytes()
-    truncated = tmp_path / "truncated.pt2"
-    truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(nativert.PackageError, match=r"truncated.pt2 is not a readable .pt2"):
-        nativert.load(truncated)
-    garbage = tmp_path / "garbage.pt2"
-    garbage.write_bytes(b"not a zip at all" * 10)
-    with pytest.raises(nativert.PackageError, match=r"garbage.pt2 is not a readable .pt2"):
-        nativert.load(garbage)
-    with pytest.raises(nativert.PackageError, match=r"nope.pt2: no such file"):
-        nativert.load(tmp_path / "nope.pt2")
-    plain = tmp_path / "plain.pt2"
-    model, inputs = make("mlp")
-    torch.export.save(torch.export.export(model, inputs), plain)
-    with pytest.raises(nativert.PackageError, match="no nativert manifest"):
-        nativert.load(plain)
-
-
-def test_wrong_format_version(saved, tmp_path):
-    _, _, _, path = saved
-    with zipfile.ZipFile(path) as archive:
-        name = next(n for n in archive.namelist() if n.endswith("nativert/manifest.json"))
-        manifest = json.loads(archive.read(name))
-    manifest["format_version"] = 99
-    newer = tmp_path / "newer.pt2"
-    rewrite(path, newer, {name.split("/", 1)[1]: json.dumps(manifest).encode()})
-    with pytest.raises(
-        nativert.PackageError, match="package format 99; this nativert reads format 1"
-    ):
-        nativert.load(newer)
 
 
 def test_torch_export_load_of_a_delegated_program_says_what_to_do(saved):
@@ -316,33 +227,14 @@ def test_exported_wrapper_saves_and_loads(exported_wrapper, tmp_path):
         assert_close(nativert.Executor(loaded)(*inputs), model(*inputs) * 2)
 
 
-def test_corrupted_payload_is_a_package_error(tmp_path):
-    model, inputs = make("mlp")
-    nativert.save(nativert.to_backend(torch.export.export(model, inputs)), tmp_path / "m.pt2")
-    with zipfile.ZipFile(tmp_path / "m.pt2") as archive:
-        payload = next(n for n in archive.namelist() if n.endswith("nativert/0.bin"))
-    rewrite(tmp_path / "m.pt2", tmp_path / "bad.pt2", {payload.split("/", 1)[1]: b"garbage"})
-    loaded = nativert.load(tmp_path / "bad.pt2")  # payloads load when a runner needs them
-    with pytest.raises(
-        nativert.DelegateLoadError, match=r"'onnxruntime' could not load segment 'onnxruntime_0'"
-    ):
-        nativert.Executor(loaded)
-
-
 def test_package_from_another_delegate_version_falls_back(tmp_path):
-    import json
-
     model, inputs = make("mlp")
     nativert.save(nativert.to_backend(torch.export.export(model, inputs)), tmp_path / "m.pt2")
-    with zipfile.ZipFile(tmp_path / "m.pt2") as archive:
-        name = next(n for n in archive.namelist() if n.endswith("nativert/manifest.json"))
-        manifest = json.loads(archive.read(name))
-    manifest["delegates"][0]["delegate_version"] = "0-old"
-    rewrite(
-        tmp_path / "m.pt2",
-        tmp_path / "old.pt2",
-        {name.split("/", 1)[1]: json.dumps(manifest).encode()},
-    )
+
+    def older(manifest):
+        manifest["delegates"][0]["delegate_version"] = "0-old"
+
+    edit_json(tmp_path / "m.pt2", tmp_path / "old.pt2", MANIFEST, older)
     with pytest.warns(RuntimeWarning, match=r"written by delegate version '0-old'"):
         loaded = nativert.load(tmp_path / "old.pt2")
     with torch.no_grad():

@@ -360,3 +360,15 @@ def test_one_onnxruntime_session_per_segment_per_runner(monkeypatch):
         module(*inputs)
         module(*inputs)
     assert len(built) == 2 * segments
+
+
+def test_a_sparse_weight_in_an_update_is_named():
+    model, inputs = make("mlp")
+    executor = nativert.Executor(nativert.to_backend(torch.export.export(model, inputs)))
+    new = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    new["fc2.weight"] = new["fc2.weight"].to_sparse()
+    with pytest.raises(
+        nativert.WeightsError, match=r"weight 'fc2.weight' is a torch.sparse_coo tensor; .*"
+        r"pass 'fc2.weight'.to_dense\(\)"
+    ):
+        executor.update_weights(new)

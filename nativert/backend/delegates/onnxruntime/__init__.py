@@ -16,7 +16,7 @@ from torch.fx import Node
 
 from nativert.backend.delegates.onnxruntime import support
 from nativert.backend.delegates.onnxruntime.executor import OnnxRuntimeExecutor
-from nativert.backend.delegates.onnxruntime.export import export
+from nativert.backend.delegates.onnxruntime.export import check_untrusted, export
 from nativert.delegate import Availability, CompileSpec, Delegate
 
 THREADS = "intra_op_num_threads"
@@ -33,6 +33,7 @@ class OnnxRuntimeDelegate(Delegate):
     cacheable = True  # payloads carry no weight data
     thread_spec = THREADS
     compile_spec_keys = frozenset({THREADS})
+    executes_native_code = False  # an ONNX graph of built-in kernels (check_payload)
 
     def toolchain(self) -> dict[str, str]:
         """Versions of the exporter and runtime: part of the compile cache key."""
@@ -62,6 +63,9 @@ class OnnxRuntimeDelegate(Delegate):
 
     def preprocess(self, program: ExportedProgram, compile_specs: Sequence[CompileSpec]) -> bytes:
         return export(program, compile_specs)
+
+    def check_payload(self, payload: bytes) -> None:
+        check_untrusted(payload)
 
     def load(
         self,

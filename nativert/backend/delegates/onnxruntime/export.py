@@ -52,6 +52,44 @@ def external_initializers(payload: bytes) -> tuple[str, ...]:
     )
 
 
+def check_untrusted(payload: bytes) -> None:
+    """Raise ValueError unless the payload is an ONNX model whose only external data are
+    the weights nativert supplies: a model naming files (external data at other locations)
+    would make ONNX Runtime read them."""
+    import onnx
+
+    try:
+        model = onnx.load_from_string(payload)
+    except Exception as exc:  # onnx raises DecodeError and friends
+        raise ValueError(f"not an ONNX model ({type(exc).__name__}: {exc})") from None
+    for tensor in _tensors(model.graph):
+        locations = [e.value for e in tensor.external_data if e.key == "location"]
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and locations != [_EXTERNAL_MARKER]:
+            raise ValueError(
+                f"tensor {tensor.name!r} reads external data from {locations}; nativert payloads "
+                "take their weights from the program, never from files"
+            )
+    if model.functions or any(
+        op.domain not in ("", "ai.onnx", "com.microsoft") for op in model.opset_import
+    ):
+        raise ValueError("it uses ONNX functions or operator domains nativert never writes")
+
+
+def _tensors(graph: Any) -> Any:
+    """Every tensor an ONNX graph holds: initializers and attribute tensors, in subgraphs too."""
+    yield from graph.initializer
+    yield from (sparse.values for sparse in graph.sparse_initializer)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _tensors(subgraph)
+
+
 def _export_failure(exc: BaseException) -> str:
     """The failing node and the root cause from torch.onnx's chain of ConversionErrors."""
     node, chain = None, []
@@ -76,8 +114,6 @@ def options(compile_specs: Sequence[CompileSpec]) -> dict[str, Any]:
             f"onnxruntime: unknown compile specs {unknown}; valid: ['intra_op_num_threads']"
         )
     return values
-
-
 
 
 def export(program: ExportedProgram, compile_specs: Sequence[CompileSpec]) -> bytes:

@@ -30,6 +30,7 @@ class TensorRtDelegate(Delegate):
     backend_id = "tensorrt"
     priority = 400
     compile_spec_keys = None  # torch_tensorrt compilation settings, checked when it builds
+    executes_native_code = True  # an engine: TensorRT deserializes and runs its kernels
 
     def toolchain(self) -> dict[str, str]:
         from importlib.metadata import PackageNotFoundError, version

@@ -1,8 +1,13 @@
-"""Input checks for the Executor: done before running, with errors that name the input by
-the name the user knows (the forward argument, `inputs['mask']`, `pair[1]`)."""
+"""Input checks done before running, with errors that name the input by the name the user
+knows (the forward argument, `inputs['mask']`, `pair[1]`; for a segment, its placeholder).
+
+The Executor checks a program's inputs; a lowered module checks its segment's inputs when
+called through `call_delegate` (`.module()`), so a wrong rank, dtype or size never reaches a
+runtime as that runtime's own error."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -36,11 +41,17 @@ class InputSpecs:
     """What each user input must be: count, dtype, rank, static dims, dynamic dim ranges,
     device. Built once from the program's placeholders and range constraints."""
 
-    def __init__(self, program: ExportedProgram) -> None:
+    def __init__(self, program: ExportedProgram, *, owner: str | None = None) -> None:
+        """`owner` (e.g. "segment 'onnxruntime_0'") prefixes every error; inputs are then
+        named by their placeholders, not by the user's argument names."""
         placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
         specs = [s for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
         self.values = [placeholders[s.arg.name].meta.get("val") for s in specs]
-        self.names = _user_names(program, len(specs))
+        self.owner = owner
+        self.names = (
+            [s.arg.name for s in specs] if owner is not None else _user_names(program, len(specs))
+        )
+        self._seen: set[tuple] = set()  # signatures `validate` has checked already
         self.in_spec = program.call_spec.in_spec
         self.ranges = dict(program.range_constraints)
         # Dims that are expressions of other dims (y has b + 1 rows): compiled once.
@@ -116,7 +127,33 @@ class InputSpecs:
                 break
         return flat
 
+    def validate(self, flat: Sequence[Any]) -> None:
+        """`check`, once per input signature (dtypes, shapes, devices, constant values)."""
+        key = tuple(
+            (v.dtype, v.shape, v.device.type) if isinstance(v, torch.Tensor) else v for v in flat
+        )
+        if key in self._seen:
+            return
+        self.check(list(flat))
+        if len(self._seen) < 256:
+            self._seen.add(key)
+
     def check(self, flat: list[Any]) -> None:
+        """Raise DelegateCallError naming the first input that does not fit."""
+        if len(flat) != len(self.values):
+            names = ", ".join(self.names)
+            self._fail(f"expected {len(self.values)} inputs ({names}), got {len(flat)}")
+        try:
+            self._check(flat)
+        except DelegateCallError as exc:
+            if self.owner is None:
+                raise
+            raise DelegateCallError(f"{self.owner}: {exc}") from None
+
+    def _fail(self, message: str) -> None:
+        raise DelegateCallError(f"{self.owner}: {message}" if self.owner else message)
+
+    def _check(self, flat: list[Any]) -> None:
         seen: dict[Any, tuple[int, str]] = {}
         derived: list[tuple[str, int, int, Any]] = []
         for value, want, name in zip(flat, self.values, self.names, strict=True):

@@ -1,0 +1,187 @@
+"""Reading a .pt2 archive that nobody vouches for: every byte checked before it is used.
+
+The zip is read with Python's zipfile, which checks each member's CRC-32 as it reads (torch's
+own reader does not). Once the manifest is read, every member must be listed in it with its
+size and SHA-256 (written by `nativert.save`): a size that differs is refused before anything
+is decompressed, and a digest that differs (a file changed and re-zipped with fresh CRCs)
+after. Members the manifest does not list are refused too, so nothing rides along unchecked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import zipfile
+import zlib
+from typing import Any
+
+import torch
+
+from nativert.errors import PackageError
+
+_CHUNK = 1 << 20
+_READ_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError)
+
+
+def digest_members(path: str) -> dict[str, dict[str, Any]]:
+    """{member: {"size": bytes, "sha256": hex}} for every member of a zip (root folder
+    stripped), streamed: what `nativert.save` records and `Archive` checks."""
+    members = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            sha = hashlib.sha256()
+            with archive.open(info) as f:
+                while chunk := f.read(_CHUNK):
+                    sha.update(chunk)
+            members[info.filename.split("/", 1)[1]] = {
+                "size": info.file_size,
+                "sha256": sha.hexdigest(),
+            }
+    return members
+
+
+class Archive:
+    """A .pt2 zip opened for checked reads (see the module docstring)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._zip = zipfile.ZipFile(path)
+            infos = self._zip.infolist()
+        except _READ_ERRORS as exc:
+            raise PackageError(
+                f"{path} is not a readable .pt2 archive (truncated or corrupted?): {exc}"
+            ) from exc
+        roots = {info.filename.split("/", 1)[0] for info in infos}
+        if len(roots) != 1 or any("/" not in info.filename for info in infos):
+            raise PackageError(f"{path}: a .pt2 archive keeps every member in one root folder")
+        self._infos: dict[str, zipfile.ZipInfo] = {}
+        for info in infos:
+            name = info.filename.split("/", 1)[1]
+            if name in self._infos:
+                raise PackageError(f"{path}: member {name} appears twice")
+            self._infos[name] = info
+        self._digests: dict[str, dict[str, Any]] | None = None
+
+    def __enter__(self) -> Archive:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._zip.close()
+
+    def names(self) -> set[str]:
+        return set(self._infos)
+
+    def size(self, name: str) -> int:
+        """The member's uncompressed size, as its directory entry declares it."""
+        return self._info(name).file_size
+
+    def expect(self, digests: Any, *, unlisted: frozenset[str] = frozenset()) -> None:
+        """From now on check every read against `digests` ({member: {"size", "sha256"}});
+        the archive must hold exactly those members (plus `unlisted` ones)."""
+        if not isinstance(digests, dict) or not all(
+            isinstance(d, dict)
+            and isinstance(d.get("size"), int)
+            and isinstance(d.get("sha256"), str)
+            for d in digests.values()
+        ):
+            raise PackageError(f"{self.path}: the manifest's member digests are malformed")
+        extra = sorted(self.names() - set(digests) - unlisted)
+        missing = sorted(set(digests) - self.names())
+        if extra or missing:
+            raise PackageError(
+                f"{self.path}: its members do not match its manifest (not listed: "
+                f"{extra or 'none'}; missing: {missing or 'none'}); the file was changed "
+                "after it was saved"
+            )
+        self._digests = digests
+
+    def read(self, name: str, *, limit: int | None = None) -> bytes:
+        """The member's bytes, checked: declared size (against `limit` and the manifest)
+        before decompressing, CRC-32 while reading, SHA-256 after."""
+        info, expected = self._checked_info(name, limit)
+        try:
+            data = self._zip.read(info)
+        except _READ_ERRORS as exc:
+            raise PackageError(f"{self.path}: member {name} is corrupted: {exc}") from exc
+        if expected is not None and hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            raise self._changed(name)
+        return data
+
+    def read_tensor(self, name: str, dtype: torch.dtype, nbytes: int) -> torch.Tensor:
+        """The member as a flat tensor of `dtype`, which must be exactly `nbytes` long:
+        checked before decompressing, streamed into the tensor (no second copy)."""
+        info, expected = self._checked_info(name, None)
+        if info.file_size != nbytes:
+            raise PackageError(
+                f"{self.path}: member {name} declares {info.file_size} bytes but its tensors "
+                f"need {nbytes}; refusing to decompress it"
+            )
+        element = torch.empty(0, dtype=dtype).element_size()
+        flat = torch.empty(nbytes // element, dtype=dtype)
+        view = memoryview(flat.view(torch.uint8).numpy()) if nbytes else memoryview(b"")
+        sha = hashlib.sha256()
+        try:
+            with self._zip.open(info) as f:
+                done = 0
+                while done < nbytes:
+                    chunk = f.read(min(_CHUNK, nbytes - done))
+                    if not chunk:
+                        raise PackageError(f"{self.path}: member {name} ends early")
+                    view[done : done + len(chunk)] = chunk
+                    sha.update(chunk)
+                    done += len(chunk)
+                if f.read(1):  # also makes zipfile check the CRC at the end
+                    raise PackageError(f"{self.path}: member {name} is longer than declared")
+        except _READ_ERRORS as exc:
+            raise PackageError(f"{self.path}: member {name} is corrupted: {exc}") from exc
+        if expected is not None and sha.hexdigest() != expected["sha256"]:
+            raise self._changed(name)
+        return flat
+
+    def _info(self, name: str) -> zipfile.ZipInfo:
+        info = self._infos.get(name)
+        if info is None:
+            raise PackageError(f"{self.path}: member {name} is missing")
+        return info
+
+    def _checked_info(self, name: str, limit: int | None) -> tuple[zipfile.ZipInfo, Any]:
+        info = self._info(name)
+        expected = None
+        if self._digests is not None:
+            expected = self._digests.get(name)
+            if expected is None:
+                raise PackageError(f"{self.path}: member {name} is not in the manifest")
+            if info.file_size != expected["size"]:
+                raise PackageError(
+                    f"{self.path}: member {name} declares {info.file_size} bytes, the manifest "
+                    f"{expected['size']}; the file was changed after it was saved"
+                )
+        if limit is not None and info.file_size > limit:
+            raise PackageError(
+                f"{self.path}: member {name} declares {info.file_size} bytes, more than the "
+                f"{limit} such a member may hold; refusing to decompress it"
+            )
+        return info, expected
+
+    def _changed(self, name: str) -> PackageError:
+        return PackageError(
+            f"{self.path}: member {name} fails its SHA-256 check: the file was changed or "
+            "corrupted after it was saved"
+        )
+
+
+def check_byteorder(archive: Archive) -> None:
+    if "byteorder" in archive.names():
+        order = archive.read("byteorder", limit=16).decode("ascii", "replace").strip()
+        if order != sys.byteorder:
+            raise PackageError(
+                f"{archive.path}: tensors were saved {order}-endian; this machine is "
+                f"{sys.byteorder}-endian"
+            )
+
+
+def temporary_path(path: str) -> str:
+    directory, base = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{base}.{os.getpid()}.partial")

@@ -1,0 +1,186 @@
+"""Checks on what a package's program files say, before torch reads them.
+
+torch's deserializer evaluates parts of `models/*.json`: every symbolic size (`expr_str`)
+goes to `sympy.sympify`, which is `eval`, and every node target is resolved by attribute
+lookups from `torch`, `operator` and `math` (so `torch.ops.import_module` or `torch.hub.load`
+would become graph nodes that run when the program does). Here each of them is checked
+against what torch itself writes:
+
+- an expression is sympy's `srepr` of a size: calls of an allowlisted set of sympy and
+  torch functions, integers, `Symbol('s0', positive=True, integer=True)`-style symbols, and
+  keyword assumptions. Anything else (attributes, strings, operators, names) is refused;
+- a target is an OpOverload registered in this process (`torch.ops.ns.op.overload`), a
+  higher-order operator (`torch.ops.higher_order.name`), or one of the symbolic-shape
+  functions torch serializes by name (`_operator.add`, `torch.sym_max`, `math.trunc`, ...).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# sympy / torch.utils._sympy functions that sympy's srepr writes for shape expressions.
+_FUNCTIONS = frozenset(
+    {
+        "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Max", "Min", "Abs",
+        "Mod", "floor", "ceiling", "Equality", "Unequality", "GreaterThan",
+        "StrictGreaterThan", "LessThan", "StrictLessThan", "And", "Or", "Not",
+        "FloorDiv", "ModularIndexing", "Where", "PythonMod", "CleanDiv", "CeilToInt",
+        "FloorToInt", "CeilDiv", "LShift", "RShift", "PowByNatural", "FloatPow",
+        "FloatTrueDiv", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator", "TruncToFloat",
+        "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "Identity",
+    }
+)  # fmt: skip
+_ATOMS = frozenset({"true", "false", "oo", "zoo", "nan", "int_oo", "True", "False"})
+_KEYWORDS = frozenset(
+    {
+        "integer", "positive", "negative", "nonnegative", "nonpositive", "real", "finite",
+        "infinite", "zero", "nonzero", "even", "odd", "rational", "commutative",
+        "extended_real", "precision",
+    }
+)  # fmt: skip
+_TOKEN = re.compile(
+    r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<int>-?\d+)"
+    r"|(?P<str>'[A-Za-z_][A-Za-z0-9_]*'|'-?\d+(?:\.\d+)?(?:e[-+]?\d+)?')|(?P<punct>[(),=]))"
+)
+_MAX_EXPRESSION = 4096
+
+
+class Refused(ValueError):
+    """What in a file was refused, and why (the loader adds the file and member)."""
+
+
+def check_expression(text: Any) -> None:
+    """Raise Refused unless `text` is a shape expression as torch writes them."""
+    if not isinstance(text, str) or len(text) > _MAX_EXPRESSION:
+        raise Refused(f"symbolic expression {str(text)[:80]!r} is not a string of sane size")
+    tokens, pos = [], 0
+    while pos < len(text):
+        match = _TOKEN.match(text, pos)
+        if match is None or match.end() == pos:
+            raise Refused(f"symbolic expression {text[:80]!r} has characters torch never writes")
+        kind = match.lastgroup
+        tokens.append((kind, match.group(kind)))
+        pos = match.end()
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+    end = _expression(tokens, 0, text)
+    if end != len(tokens):
+        raise Refused(f"symbolic expression {text[:80]!r} does not end where it should")
+
+
+def _expression(tokens: list, i: int, text: str) -> int:
+    """Parse one expression from tokens[i]; return the index after it."""
+    if i >= len(tokens):
+        raise Refused(f"symbolic expression {text[:80]!r} ends early")
+    kind, value = tokens[i]
+    if kind == "int" or (kind == "name" and value in _ATOMS):
+        return i + 1
+    if kind != "name" or value not in _FUNCTIONS:
+        raise Refused(f"symbolic expression {text[:80]!r} uses {value!r}, which is not allowed")
+    function = value
+    i = _expect(tokens, i + 1, "(", text)
+    first = True
+    while tokens[i:i + 1] != [("punct", ")")]:
+        if not first:
+            i = _expect(tokens, i, ",", text)
+        i = _argument(tokens, i, text, function, first)
+        first = False
+    return i + 1
+
+
+def _argument(tokens: list, i: int, text: str, function: str, first: bool) -> int:
+    if i >= len(tokens):
+        raise Refused(f"symbolic expression {text[:80]!r} ends early")
+    if i + 1 < len(tokens) and tokens[i + 1] == ("punct", "="):
+        kind, key = tokens[i]
+        if kind != "name" or key not in _KEYWORDS:
+            raise Refused(f"symbolic expression {text[:80]!r} has keyword {key!r}")
+        if i + 2 >= len(tokens) or not (
+            tokens[i + 2][0] == "int" or tokens[i + 2][1] in ("True", "False")
+        ):
+            raise Refused(f"symbolic expression {text[:80]!r}: {key}= takes True, False or int")
+        return i + 3
+    if tokens[i][0] == "str":
+        if not (first and function in ("Symbol", "Float")):
+            raise Refused(f"symbolic expression {text[:80]!r} has a string where none belongs")
+        return i + 1
+    return _expression(tokens, i, text)
+
+
+def _expect(tokens: list, i: int, punct: str, text: str) -> int:
+    if i >= len(tokens) or tokens[i] != ("punct", punct):
+        raise Refused(f"symbolic expression {text[:80]!r}: expected {punct!r}")
+    return i + 1
+
+
+def _symbolic_targets() -> frozenset[str]:
+    from torch._export.serde.serialize import _SYM_OPS
+
+    return frozenset(f"{op.__module__}.{op.__name__}" for op in _SYM_OPS)
+
+
+_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def check_target(target: Any) -> None:
+    """Raise Refused unless `target` names an operator torch would write."""
+    if not isinstance(target, str):
+        raise Refused(f"node target {target!r} is not a string")
+    parts = target.split(".")
+    if target in _symbolic_targets():
+        return
+    if parts[:2] != ["torch", "ops"] or not all(_PART.match(p) for p in parts[2:]):
+        raise Refused(f"node target {target!r} is not an operator; refusing to resolve it")
+    if any(p.startswith("__") for p in parts):
+        raise Refused(f"node target {target!r} is not an operator")
+    if parts[2] == "higher_order" and len(parts) == 4:
+        found = getattr(torch.ops.higher_order, parts[3], None)
+        if isinstance(found, torch._ops.HigherOrderOperator):
+            return
+        raise Refused(f"node target {target!r} is not a higher-order operator of this torch")
+    if len(parts) == 5 and parts[2] != "higher_order":
+        try:
+            packet = getattr(getattr(torch.ops, parts[2]), parts[3])
+            found = getattr(packet, parts[4])
+        except (AttributeError, RuntimeError):
+            found = None
+        if isinstance(found, torch._ops.OpOverload):
+            return
+        raise Refused(
+            f"node target {target!r} is not an operator registered in this process (a custom "
+            "op: import the library that defines it before loading)"
+        )
+    raise Refused(f"node target {target!r} is not an operator")
+
+
+# Node metadata torch keeps as plain strings; the rest (source_fn_stack, torch_fn) is
+# resolved by attribute lookups on torch, and a program runs without it.
+_KEPT_METADATA = ("stack_trace", "nn_module_stack")
+
+
+def check_program_json(data: Any, on_refused: Callable[[str], Exception]) -> None:
+    """Walk a serialized program (JSON, modified in place): check every expression and node
+    target, and drop node metadata that torch would resolve by name."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(v for v in item if isinstance(v, (dict, list)))
+            continue
+        if not isinstance(item, dict):
+            continue
+        try:
+            if "expr_str" in item:
+                check_expression(item["expr_str"])
+            if "target" in item:  # a Node: the only schema type with a target
+                check_target(item["target"])
+                metadata = item.get("metadata")
+                if isinstance(metadata, dict):
+                    item["metadata"] = {k: metadata[k] for k in _KEPT_METADATA if k in metadata}
+        except Refused as exc:
+            raise on_refused(str(exc)) from None
+        stack.extend(v for k, v in item.items() if k != "metadata" and isinstance(v, (dict, list)))
