@@ -94,16 +94,16 @@ def lower_program(
 ) -> LoweringResult:
     """Run the pipeline (see the module docstring) on `program`, which is not modified.
 
-    `partitioner`: default `CapabilityPartitioner.from_settings(settings)`. `on_fallback(error)` is
-    called for each region that fails to compile and stays in PyTorch (default: a WARNING
-    on the `nativert` logger); under `settings.strict` the error is raised instead.
+    `partitioner`: default `CapabilityPartitioner.from_settings(settings)`.
+    `on_fallback(error)` is called for each region that fails to compile and stays in
+    PyTorch (default: a WARNING on the `nativert` logger); under `settings.strict` the error
+    is raised instead.
     """
     start = time.perf_counter()
     if partitioner is None:
         partitioner = CapabilityPartitioner.from_settings(settings)
     check_partitioner(partitioner)
-    if not is_decomposed(program):
-        program = decompose(program, frozenset(partitioner.ops_to_preserve()))
+    program = decompose(program, frozenset(partitioner.ops_to_preserve()))
     program = run_passes(program, DEFAULT_PIPELINE if passes is None else passes).program
     # Partitioners tag, and lowering rewrites, a copy: never the caller's graph.
     program = rebuild_program(program, copy_graph_module(program))
