@@ -83,3 +83,23 @@ def run_in_threads(*targets, timeout: float = 120.0) -> None:
         raise AssertionError(f"{alive} of {len(threads)} threads still running after {timeout} s")
     if errors:
         raise errors[0]
+
+
+@pytest.fixture
+def count_loads(monkeypatch):
+    """count_loads(backend_id) -> a list that records every executor that delegate loads
+    (a spy around the real Delegate.load)."""
+
+    def start(backend_id: str) -> list[str]:
+        delegate = nativert.get_delegate(backend_id)
+        loads: list[str] = []
+        original = type(delegate).load
+
+        def counted(self, *args, **kwargs):
+            loads.append(self.backend_id)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(type(delegate), "load", counted)
+        return loads
+
+    return start

@@ -11,22 +11,8 @@ from tests.conftest import assert_close
 from tests.models import make
 
 
-@pytest.fixture
-def counted_loads(monkeypatch):
-    """Every executor the onnxruntime delegate loads, as they are loaded."""
-    delegate = nativert.get_delegate("onnxruntime")
-    loads = []
-    original = type(delegate).load
-
-    def counted(self, *args, **kwargs):
-        loads.append(self.backend_id)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(delegate), "load", counted)
-    return loads
-
-
-def test_a_lowered_module_is_data_until_its_first_call(counted_loads):
+def test_a_lowered_module_is_data_until_its_first_call(count_loads):
+    counted_loads = count_loads("onnxruntime")
     model, inputs = make("mlp")
     program = nativert.to_backend(torch.export.export(model, inputs), cache_dir=None)
     (lowered,) = nativert.lowered_modules(program)

@@ -22,6 +22,14 @@ def _positive(text: str) -> int:
     return value
 
 
+def _add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-native-code",
+        action="store_true",
+        help="load aoti/tensorrt segments: their payloads are native code that runs on load",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nativert", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -34,19 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_settings_flags(p)
     p = commands.add_parser("inspect", help="what a saved package holds")
     p.add_argument("package")
-    p.add_argument(
-        "--trust-native-code",
-        action="store_true",
-        help="load aoti/tensorrt segments: their payloads are native code that runs on load",
-    )
+    _add_trust_flag(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = commands.add_parser("bench", help="latency and throughput of a package's Executor")
     p.add_argument("package")
-    p.add_argument(
-        "--trust-native-code",
-        action="store_true",
-        help="load aoti/tensorrt segments: their payloads are native code that runs on load",
-    )
+    _add_trust_flag(p)
     p.add_argument("--threads", type=_positive, default=1)
     p.add_argument("--runs", type=_positive, default=200)
     p.add_argument("--warmup", type=int, default=20)

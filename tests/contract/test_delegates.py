@@ -175,18 +175,10 @@ def test_outputs_never_alias_inputs_weights_or_each_other(aliasing):
         assert_close(executor.run([x]), reference, what="after the caller changed the outputs")
 
 
-def test_one_executor_per_segment_per_runner(dense, monkeypatch):
+def test_one_executor_per_segment_per_runner(dense, count_loads):
     _, program, device = dense
     (segment,) = nativert.lowered_modules(program)
-    delegate = nativert.get_delegate(segment.backend_id)
-    loads = []
-    original = type(delegate).load
-
-    def counted(self, *args, **kwargs):
-        loads.append(self.backend_id)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(delegate), "load", counted)
+    loads = count_loads(segment.backend_id)
     first, second = nativert.Executor(program), nativert.Executor(program)
     assert loads == [segment.backend_id] * 2
     x = torch.randn(2, 8, device=device)
