@@ -90,10 +90,12 @@ class DelegateRuntime:
             self._bound_key = key
         return executor
 
-    def bound(self, weights: Sequence[torch.Tensor]) -> DelegateExecutor:
-        """The executor, built if needed and bound to `weights`."""
+    def built(self, weights: Callable[[], Sequence[torch.Tensor]]) -> DelegateExecutor:
+        """The executor; if none is built yet, one bound to `weights()`."""
         with self._lock:
-            return self._bind_locked(weights)
+            if self._executor is None:
+                self._bind_locked(weights())
+            return self._executor
 
     def run(self, flat_args: Sequence[Any]) -> tuple[torch.Tensor, ...]:
         n = len(self.weight_names)
@@ -273,13 +275,11 @@ class LoweredBackendModule(torch.nn.Module):
 
     @property
     def executor(self) -> DelegateExecutor:
-        """This module's own executor (what `.module()` calls run on), built on first use and
-        bound to the segment's weights if no call has bound others yet."""
-        runtime = self._runtime
-        with runtime._lock:
-            if runtime._executor is not None and runtime._bound_key is not None:
-                return runtime._executor
-        return runtime.bound([weight_tensor(self.original_module, n) for n in self.weight_names])
+        """This module's own executor (what `.module()` calls run on); built on first use,
+        bound to the segment's own weights when no call built it first."""
+        return self._runtime.built(
+            lambda: [weight_tensor(self.original_module, n) for n in self.weight_names]
+        )
 
     @property
     def num_weights(self) -> int:
