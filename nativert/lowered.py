@@ -39,15 +39,7 @@ from nativert.call_delegate import call_delegate
 from nativert.delegate import CompileSpec, DelegateExecutor, ReferenceExecutor, get_delegate
 from nativert.errors import DelegateCallError, DelegateLoadError, NativertError
 
-_EXECUTOR_METHODS = (
-    "init_weights",
-    "process_weights",
-    "commit_weights",
-    "discard_weights",
-    "active_state",
-    "run_with",
-    "run",
-)
+_EXECUTOR_METHODS = tuple(m for m in vars(DelegateExecutor) if not m.startswith("_"))
 
 
 class DelegateRuntime:
@@ -75,13 +67,10 @@ class DelegateRuntime:
             return None
         return tuple((id(w), w._version) for w in weights)
 
-    def _executor_locked(self) -> DelegateExecutor:
+    def _bind_locked(self, weights: Sequence[torch.Tensor]) -> DelegateExecutor:
         if self._executor is None:
             self._executor = self._load()
-        return self._executor
-
-    def _bind_locked(self, weights: Sequence[torch.Tensor]) -> DelegateExecutor:
-        executor = self._executor_locked()
+        executor = self._executor
         key = self._key(weights)
         if key is None or key != self._bound_key:
             executor.init_weights(dict(zip(self.weight_names, weights, strict=True)))

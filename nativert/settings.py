@@ -165,11 +165,6 @@ class Settings:
             specs.setdefault(delegate.thread_spec, self.num_threads)
         return tuple(dict_to_specs(specs))
 
-    def to_dict(self) -> dict[str, Any]:
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        values["compile_specs"] = {k: dict(v) for k, v in self.compile_specs.items()}
-        return values
-
 
 def _known(options: Mapping[str, Any]) -> dict[str, Any]:
     valid = Settings.names()

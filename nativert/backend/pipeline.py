@@ -53,6 +53,10 @@ class LoweringResult:
     seconds: float
 
 
+def fallback_message(exc: DelegateCompileError) -> str:
+    return f"{exc}; the region stays in PyTorch (strict=True raises instead)"
+
+
 def check_partitioner(partitioner: Any) -> Partitioner:
     """The partitioner, or a TypeError that says what a partitioner is."""
     if isinstance(partitioner, str):  # str has no .partition, but say what was meant
@@ -117,7 +121,7 @@ def lower_program(
         if on_fallback is not None:
             on_fallback(exc)
         else:
-            logger.warning("%s; the region stays in PyTorch (strict=True raises instead)", exc)
+            logger.warning("%s", fallback_message(exc))
 
     lowered = _lower(result, settings, cache, fallback)
     if after_lowering:

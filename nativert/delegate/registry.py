@@ -130,10 +130,7 @@ def _load_entry_points() -> None:
 
 
 def _instantiate(obj: Any) -> Delegate:
-    if isinstance(obj, type) and issubclass(obj, Delegate):
-        return obj()
+    """A Delegate instance as is; a Delegate subclass or a factory, called."""
     if isinstance(obj, Delegate):
         return obj
-    if callable(obj):
-        return obj()
-    return obj  # register_delegate says what is wrong with it
+    return obj() if callable(obj) else obj  # register_delegate says what is wrong

@@ -99,7 +99,7 @@ def _compile_aten(
     """
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    from nativert.backend.pipeline import lower_program
+    from nativert.backend.pipeline import fallback_message, lower_program
     from nativert.backend.runtime import Executor
     from nativert.partitioner.report import delegation_report
     from nativert.passes import COMPILE_AFTER_LOWERING, COMPILE_PIPELINE
@@ -108,7 +108,7 @@ def _compile_aten(
     program, template, order = program_from_aten(gm, example_inputs, weights)
 
     def on_fallback(exc: DelegateCompileError) -> None:
-        message = f"{exc}; the region stays in PyTorch (strict=True raises instead)"
+        message = fallback_message(exc)
         if message not in _warned:  # once per process, not once per recompile
             _warned.add(message)
             logger.warning("%s", message)

@@ -10,7 +10,6 @@ after. Members the manifest does not list are refused too, so nothing rides alon
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import zipfile
 import zlib
@@ -72,10 +71,6 @@ class Archive:
 
     def names(self) -> set[str]:
         return set(self._infos)
-
-    def size(self, name: str) -> int:
-        """The member's uncompressed size, as its directory entry declares it."""
-        return self._info(name).file_size
 
     def expect(self, digests: Any, *, unlisted: frozenset[str] = frozenset()) -> None:
         """From now on check every read against `digests` ({member: {"size", "sha256"}});
@@ -180,8 +175,3 @@ def check_byteorder(archive: Archive) -> None:
                 f"{archive.path}: tensors were saved {order}-endian; this machine is "
                 f"{sys.byteorder}-endian"
             )
-
-
-def temporary_path(path: str) -> str:
-    directory, base = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{base}.{os.getpid()}.partial")

@@ -16,6 +16,7 @@ against what torch itself writes:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -117,6 +118,7 @@ def _expect(tokens: list, i: int, punct: str, text: str) -> int:
     return i + 1
 
 
+@functools.cache
 def _symbolic_targets() -> frozenset[str]:
     from torch._export.serde.serialize import _SYM_OPS
 
