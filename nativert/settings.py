@@ -31,8 +31,8 @@ OpLike = torch._ops.OpOverload | torch._ops.OpOverloadPacket | str
 class Cli:
     """How a setting is spelled on the command line (`nativert lower`).
 
-    kind: "list" (comma-separated), "int", "bool" (--x / --no-x), "path" ("none": None) or
-    "spec" (repeatable DELEGATE.KEY=VALUE, the value read as JSON when it parses).
+    kind: "list" (comma-separated), "int", "float", "bool" (--x / --no-x), "path" ("none":
+    None) or "spec" (repeatable DELEGATE.KEY=VALUE, the value read as JSON when it parses).
     """
 
     flag: str
@@ -108,8 +108,15 @@ class Settings:
     )
     autotune: bool = _setting(
         False,
-        help="reserved: choose each region's delegate by measurement (not built yet)",
+        help="choose each region's runner (every delegate that takes all of it, or PyTorch) "
+        "by timing them on the example inputs; decisions are cached in cache_dir",
         cli=Cli("--autotune", "bool"),
+    )
+    autotune_budget_s: float = _setting(
+        300.0,
+        help="seconds autotune may spend compiling and timing candidates; past it, the "
+        "remaining regions keep the default choice",
+        cli=Cli("--autotune-budget-s", "float", "SECONDS"),
     )
 
     def __post_init__(self) -> None:
@@ -133,10 +140,10 @@ class Settings:
                 f"got {cache_dir!r}"
             )
         set_(self, "cache_dir", None if cache_dir is None else os.fspath(cache_dir))
-        if self.autotune:
-            raise NotImplementedError(
-                "setting autotune=True is reserved and not built yet; leave it False"
-            )
+        budget = self.autotune_budget_s
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
+            raise SettingsError(f"setting autotune_budget_s must be a number > 0, got {budget!r}")
+        set_(self, "autotune_budget_s", float(budget))
 
     @classmethod
     def names(cls) -> list[str]:

@@ -71,9 +71,10 @@ def test_bad_values_are_rejected_naming_the_setting(options, error):
         Settings.from_options(options)
 
 
-def test_autotune_is_reserved():
-    with pytest.raises(NotImplementedError, match="autotune=True is reserved"):
-        Settings(autotune=True)
+@pytest.mark.parametrize("budget", [0, -1.0, "10", True])
+def test_autotune_budget_must_be_a_positive_number(budget):
+    with pytest.raises(nativert.NativertError, match="autotune_budget_s must be a number > 0"):
+        Settings(autotune_budget_s=budget)
 
 
 def test_num_threads_reaches_every_delegate_that_takes_a_thread_count():
@@ -113,7 +114,8 @@ SAMPLES = {
     "strict": (True, ["--strict"], True),
     "cache_dir": (None, ["--cache-dir", "none"], None),
     "progress": (True, ["--progress"], True),
-    "autotune": (True, ["--autotune"], NotImplementedError),
+    "autotune": (True, ["--autotune"], True),
+    "autotune_budget_s": (12.5, ["--autotune-budget-s", "12.5"], 12.5),
 }
 
 
@@ -192,10 +194,6 @@ def test_every_setting_works_the_same_on_every_surface(name, pipeline_settings, 
     }
     for surface, call in surfaces.items():
         pipeline_settings.clear()
-        if expected is NotImplementedError:
-            with pytest.raises(Exception, match="autotune=True is reserved"):
-                call()
-            continue
         with pytest.raises(Exception) as caught:
             call()
         assert _Stop in _causes(caught.value), f"{surface}: {caught.value!r}"

@@ -10,3 +10,5 @@ PIN_KEY = "nativert_keep_in_pytorch"
 INPUT_KIND_KEY = "nativert_input_kind"
 # The signature name a placeholder answers to (graph copies may rename placeholders).
 ARG_NAME_KEY = "nativert_signature_name"
+# On a call_delegate node: what autotune measured for its region, one line for the report.
+TUNING_KEY = "nativert_autotune"

@@ -26,11 +26,12 @@ from torch.fx.passes.utils.fuser_utils import fuse_by_partitions, validate_parti
 from nativert._program import (
     ARG_NAME_KEY,
     WEIGHT_KINDS,
+    copy_graph_module,
     program_from_graph,
     rebuild_program,
     remember_input_names,
 )
-from nativert._program.meta import REASON_KEY, TAG_KEY
+from nativert._program.meta import REASON_KEY, TAG_KEY, TUNING_KEY
 from nativert.backend.cache import PayloadCache, segment_key
 from nativert.call_delegate import HOP_NAME, call_delegate
 from nativert.delegate import get_delegate, require_available
@@ -152,12 +153,18 @@ def compile_segment(
     mutated_arg_indices: Sequence[int] = (),
     state_arg_indices: Sequence[int] = (),
     cache: PayloadCache | None = None,
+    payload: bytes | None = None,
 ) -> LoweredBackendModule:
     """Run the delegate's preprocess on `segment` and wrap the payload in a lowered module.
 
     With a `cache`, a payload compiled before for the same segment, specs and versions is
     reused instead of compiling again, for delegates that declare `cacheable = True` (their
-    payloads depend only on what the key covers: never on weight values)."""
+    payloads depend only on what the key covers: never on weight values). A `payload`
+    compiled earlier for this very segment (autotune's) is used as it is."""
+    if payload is not None:
+        return _lowered(
+            segment, spec, tag, payload, owns_weights, mutated_arg_indices, state_arg_indices
+        )
     delegate = get_delegate(spec.backend_id)
     require_available(delegate)
     key = None
@@ -227,7 +234,9 @@ def _inline(gm: GraphModule, call_node: Node, sub_gm: GraphModule, outer_args, r
     gm.delete_submodule(call_node.target)
 
 
-def _install(gm: GraphModule, call_node: Node, lowered: LoweredBackendModule, outer_args, tag):
+def _install(
+    gm: GraphModule, call_node: Node, lowered: LoweredBackendModule, outer_args, tag
+) -> Node:
     """Replace a fused region's call_module node by get_attr + call_delegate."""
     attr, n = f"lowered_{tag}", 0
     while hasattr(gm, attr):  # a program lowered again keeps its earlier delegates
@@ -247,6 +256,57 @@ def _install(gm: GraphModule, call_node: Node, lowered: LoweredBackendModule, ou
     call_node.replace_all_uses_with(hop_node)
     gm.graph.erase_node(call_node)
     gm.delete_submodule(call_node.target)
+    return hop_node
+
+
+def _fuse_region(program: ExportedProgram, tag: str, index: int):
+    """Fuse region `tag` of `program` (in place) into a call_module node; return that node,
+    its submodule, the segment program, the outer args in segment order, and which of them
+    are mutated after the call / are buffers or constants."""
+    gm = program.graph_module
+    # fuse_by_partitions rebuilds gm.graph (stable_topological_sort makes new Nodes), so
+    # each region is collected from the current graph, not from before earlier fusions.
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get(TAG_KEY) == tag]
+    if not validate_partition(nodes):
+        raise PartitionError(
+            f"region {tag!r} ({len(nodes)} nodes, e.g. {[n.name for n in nodes[:5]]}) "
+            "cannot be fused: a path leaves it and comes back, so fusing would create a "
+            "cycle; split it into regions that are closed under such paths"
+        )
+    fuse_by_partitions(
+        gm,
+        [dict.fromkeys(nodes)],
+        prefix=f"{_SEGMENT_PREFIX}{index}_",
+        always_return_tuple=True,
+    )
+    call_node = next(
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_module" and n.target.startswith(f"{_SEGMENT_PREFIX}{index}_")
+    )
+    sub_gm = getattr(gm, call_node.target)
+    segment, outer_args, mutated_idx, state_idx = _segment_program(
+        program, sub_gm, call_node.args, call_node
+    )
+    return call_node, sub_gm, segment, outer_args, mutated_idx, state_idx
+
+
+def region_segments(
+    program: ExportedProgram, tags: Mapping[str, DelegationSpec]
+) -> dict[str, tuple[ExportedProgram, list[str]]]:
+    """Per tag, the segment program lowering would compile and the names its arguments
+    have in `program` (weights first, then inputs). Each region is fused alone, on a copy:
+    `program` is not modified."""
+    regions = check_tags(program, tags)
+    segments = {}
+    for tag in regions:
+        copy = rebuild_program(program, copy_graph_module(program))
+        for node in copy.graph.nodes:
+            if node.meta.get(TAG_KEY) != tag:
+                node.meta.pop(TAG_KEY, None)
+        _, _, segment, outer_args, _, _ = _fuse_region(copy, tag, 0)
+        segments[tag] = (segment, [_signature_name(a) for a in outer_args])
+    return segments
 
 
 def lower_tagged_program(
@@ -257,6 +317,8 @@ def lower_tagged_program(
     cache: PayloadCache | None = None,
     on_fallback: Callable[[DelegateCompileError], None] | None = None,
     on_region: Callable[[str, DelegationSpec], None] | None = None,
+    precompiled: Mapping[str, bytes] | None = None,
+    notes: Mapping[str, str] | None = None,
 ) -> ExportedProgram:
     """Replace every tagged region of `program` (modified in place) by a delegate call.
 
@@ -264,38 +326,18 @@ def lower_tagged_program(
     (so the delegation report shows it) and `on_fallback(error)` called (default: a logged
     warning); with `strict=True` the DelegateCompileError is raised instead. `cache`: see
     compile_segment. `on_region(tag, spec)` is called as each region is done (progress).
+    `precompiled`: payloads already compiled for some tags (autotune's winners), used as
+    they are. `notes`: per tag, a line for the report (autotune's measurements).
     """
     regions = check_tags(program, tags)
     gm = program.graph_module
+    notes = notes or {}
     # Fusing may rename placeholders (stable_topological_sort renames one called `input`).
     remember_input_names(gm)
 
     for index, tag in enumerate(regions):
-        # fuse_by_partitions rebuilds gm.graph (stable_topological_sort makes new Nodes), so
-        # each region is collected from the current graph, not from before earlier fusions.
-        nodes = [
-            n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get(TAG_KEY) == tag
-        ]
-        if not validate_partition(nodes):
-            raise PartitionError(
-                f"region {tag!r} ({len(nodes)} nodes, e.g. {[n.name for n in nodes[:5]]}) "
-                "cannot be fused: a path leaves it and comes back, so fusing would create a "
-                "cycle; split it into regions that are closed under such paths"
-            )
-        fuse_by_partitions(
-            gm,
-            [dict.fromkeys(nodes)],
-            prefix=f"{_SEGMENT_PREFIX}{index}_",
-            always_return_tuple=True,
-        )
-        call_node = next(
-            n
-            for n in gm.graph.nodes
-            if n.op == "call_module" and n.target.startswith(f"{_SEGMENT_PREFIX}{index}_")
-        )
-        sub_gm = getattr(gm, call_node.target)
-        segment, outer_args, mutated_idx, state_idx = _segment_program(
-            program, sub_gm, call_node.args, call_node
+        call_node, sub_gm, segment, outer_args, mutated_idx, state_idx = _fuse_region(
+            program, tag, index
         )
         try:
             lowered = compile_segment(
@@ -305,6 +347,7 @@ def lower_tagged_program(
                 mutated_arg_indices=mutated_idx,
                 state_arg_indices=state_idx,
                 cache=cache,
+                payload=(precompiled or {}).get(tag),
             )
         except DelegateCompileError as exc:
             if strict:
@@ -315,7 +358,9 @@ def lower_tagged_program(
         if on_region is not None:
             on_region(tag, tags[tag])
         if lowered is not None:
-            _install(gm, call_node, lowered, outer_args, tag)
+            hop_node = _install(gm, call_node, lowered, outer_args, tag)
+            if tag in notes:
+                hop_node.meta[TUNING_KEY] = notes[tag]
 
     gm.graph.lint()
     gm.recompile()

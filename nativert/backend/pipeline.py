@@ -15,12 +15,15 @@ the program comes from. Stages:
    result is checked before anything reads it.
 4. lower: each tagged region becomes a LoweredBackendModule called through call_delegate
    (`lowering.lower_tagged_program`); compiled payloads come from and go to the on-disk cache.
+   With `settings.autotune`, partitioning considers every available delegate and each
+   region's runner is chosen by measurement (`autotune.py`).
 5. after lowering: `after_lowering` passes on the lowered program (torch.compile's).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +32,7 @@ from typing import Any
 from torch.export import ExportedProgram
 
 from nativert._program import copy_graph_module, rebuild_program
+from nativert.backend.autotune import TuningReport, candidate_settings, tune_and_lower
 from nativert.backend.cache import payload_cache
 from nativert.backend.lowering import lower_tagged_program
 from nativert.errors import DelegateCompileError, PartitionError
@@ -51,6 +55,7 @@ class LoweringResult:
     cache_hits: int
     cache_misses: int
     seconds: float
+    tuning: TuningReport | None = None  # what autotune measured, when it ran
 
 
 def fallback_message(exc: DelegateCompileError) -> str:
@@ -105,8 +110,10 @@ def lower_program(
     """
     start = time.perf_counter()
     if partitioner is None:
-        partitioner = CapabilityPartitioner.from_settings(settings)
+        base = candidate_settings(settings) if settings.autotune else settings
+        partitioner = CapabilityPartitioner.from_settings(base)
     check_partitioner(partitioner)
+    example_inputs = program.example_inputs
     program = decompose(program, frozenset(partitioner.ops_to_preserve()))
     program = run_passes(program, DEFAULT_PIPELINE if passes is None else passes).program
     # Partitioners tag, and lowering rewrites, a copy: never the caller's graph.
@@ -123,7 +130,16 @@ def lower_program(
         else:
             logger.warning("%s", fallback_message(exc))
 
-    lowered = _lower(result, settings, cache, fallback)
+    tuning = None
+    if settings.autotune and result.tags:
+        lower = functools.partial(
+            lower_tagged_program, strict=settings.strict, cache=cache, on_fallback=fallback
+        )
+        lowered, tuning = tune_and_lower(
+            result, settings, cache=cache, example_inputs=example_inputs, lower=lower
+        )
+    else:
+        lowered = _lower(result, settings, cache, fallback)
     if after_lowering:
         lowered = run_passes(lowered, after_lowering).program
     return LoweringResult(
@@ -132,6 +148,7 @@ def lower_program(
         cache_hits=cache.stats.hits if cache else 0,
         cache_misses=cache.stats.misses if cache else 0,
         seconds=time.perf_counter() - start,
+        tuning=tuning,
     )
 
 
@@ -147,9 +164,7 @@ def _lower(result: PartitionResult, settings: Settings, cache, fallback) -> Expo
             bar.set_postfix_str(f"{tag} ({spec.backend_id})")
             bar.update(1)
 
-        return lower_tagged_program(
-            result.tagged_program, result.tags, on_region=advance, **common
-        )
+        return lower_tagged_program(result.tagged_program, result.tags, on_region=advance, **common)
 
 
 def _fingerprint(program: ExportedProgram) -> list[tuple[str, str, str]]:

@@ -15,7 +15,8 @@ from typing import Any
 from torch.export import ExportedProgram
 from torch.fx import Node
 
-from nativert.call_delegate import call_delegate, lowered_modules
+from nativert._program.meta import TUNING_KEY
+from nativert.call_delegate import call_delegate, delegate_nodes
 from nativert.partitioner.base import REASON_KEY
 from nativert.partitioner.capability import op_name
 
@@ -28,6 +29,7 @@ class Region:
     name: str
     backend_id: str
     num_nodes: int
+    tuning: str = ""  # what autotune measured for it, when it chose the runner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +73,8 @@ class DelegationReport:
         ]
         for region in self.regions:
             lines.append(f"  {region.name:<24} {region.backend_id:<14} {region.num_nodes} nodes")
+            if region.tuning:
+                lines.append(f"    autotune: {region.tuning}")
         runners = sorted({who for by in self.ops.values() for who in by} - {PYTORCH}) + [PYTORCH]
         width = max([len("op"), *(len(op) for op in self.ops)])
         lines.append("  " + "op".ljust(width) + "".join(f"{r:>12}" for r in runners))
@@ -97,9 +101,11 @@ def delegation_report(program: ExportedProgram) -> DelegationReport:
     ops: dict[str, Counter[str]] = {}
     reasons: dict[str, Counter[str]] = {}
     regions = []
-    for lowered in lowered_modules(program):
+    for call in delegate_nodes(program):
+        lowered = program.graph_module.get_submodule(call.args[0].target)
         inner = [n for n in lowered.original_module.graph.nodes if n.op == "call_function"]
-        regions.append(Region(lowered.module_name, lowered.backend_id, len(inner)))
+        tuning = call.meta.get(TUNING_KEY, "")
+        regions.append(Region(lowered.module_name, lowered.backend_id, len(inner), tuning))
         for node in inner:
             ops.setdefault(op_name(node.target), Counter())[lowered.backend_id] += 1
     for node in program.graph.nodes:

@@ -49,7 +49,9 @@ def test_report_text_and_dict(registered):
     assert "aten.sin.default" in text and "not in the support table" in text
     data = report.to_dict()
     assert data["per_delegate"]["adds"] == 1
-    assert data["regions"] == [{"name": "adds_0", "backend_id": "adds", "num_nodes": 1}]
+    assert data["regions"] == [
+        {"name": "adds_0", "backend_id": "adds", "num_nodes": 1, "tuning": ""}
+    ]
     assert data["total_nodes"] == sum(data["per_delegate"].values())
 
 

@@ -30,6 +30,7 @@ from nativert.backend.compile.aot import (
     program_from_aten,
     unmutated_weights,
 )
+from nativert.backend.autotune import candidate_settings
 from nativert.backend.compile.report import CompileReport, GraphCompile, new_report
 from nativert.errors import DelegateCompileError, NativertError
 from nativert.partitioner.capability import CapabilityPartitioner
@@ -58,7 +59,10 @@ def nativert_backend(
     from nativert.passes import decomposition_table
 
     settings = Settings.from_options(options)
-    partitioner = CapabilityPartitioner.from_settings(settings)
+    # Autotune partitions with every available delegate as a candidate (autotune.py).
+    partitioner = CapabilityPartitioner.from_settings(
+        candidate_settings(settings) if settings.autotune else settings
+    )
     report = new_report(settings)
     weights = module_weights(gm, example_inputs)
     compilers = {

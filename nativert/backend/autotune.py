@@ -1,0 +1,560 @@
+"""Autotune: choose each region's runner by measuring it (`Settings.autotune`).
+
+Lowering normally sends a node to the highest-priority delegate that supports it. With
+autotune, the pipeline instead:
+
+1. partitions with every available delegate as a candidate (opt-in ones such as aoti and
+   openvino included, unless `delegates` names some), so each region has a default runner;
+2. runs the program once on its example inputs (`ExportedProgram.example_inputs`, else
+   synthesized from the placeholders' shapes) to get every region's real inputs;
+3. per region: compiles it on every candidate delegate that supports all of its nodes, checks
+   each one's outputs against PyTorch's, and times them and "keep in PyTorch" interleaved
+   (rounds in shuffled order, after the runtime's threads settle, medians);
+4. per program: when some delegate takes every node, the whole program on that delegate is
+   timed against the mixed plan of step 3, end to end on an Executor, and the faster wins.
+
+Every measurement goes into the delegation report ("onnxruntime 0.41 ms, aoti 0.52 ms,
+pytorch 0.60 ms -> onnxruntime"). Decisions are cached as small JSON files under
+`<cache_dir>/autotune/`, keyed by the segment (code, shapes, signature), its input shapes, the
+candidates and their versions and compile specs, and the machine (CPU model, CPU count,
+torch threads): a second lowering compiles only the winners (from the payload cache). The
+whole search stops at `autotune_budget_s`; regions not reached keep their default runner, and
+decisions made then are not cached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+from torch.fx import Node
+
+from nativert._program import WEIGHT_KINDS, copy_graph_module, rebuild_program, weight_tensor
+from nativert._program.inputs import InputSpecs
+from nativert._program.meta import ARG_NAME_KEY, REASON_KEY, TAG_KEY, TUNING_KEY
+from nativert.backend.cache import PayloadCache, default_cache_dir, segment_key
+from nativert.backend.lowering import compile_segment, region_segments
+from nativert.delegate import Delegate, get_delegate
+from nativert.errors import DelegateCompileError
+from nativert.partitioner.base import DelegationSpec, PartitionResult
+from nativert.settings import DEFAULT_CACHE, Settings
+
+logger = logging.getLogger("nativert")
+
+PYTORCH = "pytorch"
+MIXED = "mixed"
+_FORMAT = 1
+_ROUNDS = 5
+_ROUND_S = 0.01  # each candidate runs about this long per round
+_SETTLE_S = 0.02  # pause before each candidate: other runtimes' threads stop spinning
+_RTOL = 1e-3  # a candidate whose outputs differ more from PyTorch's is not chosen
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """One candidate's median time in ms, or why it could not run."""
+
+    runner: str
+    ms: float | None
+    failure: str | None = None
+
+    def text(self) -> str:
+        if self.ms is None:
+            return f"{self.runner} failed ({self.failure})"
+        return f"{self.runner} {self.ms:.3f} ms"
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What autotune chose for one region (or, with tag "program", for the whole program)."""
+
+    tag: str
+    choice: str
+    measurements: tuple[Measurement, ...]
+    cached: bool = False
+
+    def line(self) -> str:
+        found = ", ".join(m.text() for m in self.measurements)
+        return f"{found} -> {self.choice}" + (" (cached decision)" if self.cached else "")
+
+
+@dataclasses.dataclass
+class TuningReport:
+    """Every decision autotune made, the time it took, and whether the budget ran out."""
+
+    decisions: list[Decision] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    budget_spent: bool = False
+
+    def __str__(self) -> str:
+        lines = [f"Autotune: {len(self.decisions)} decision(s) in {self.seconds:.1f} s"]
+        if self.budget_spent:
+            lines[0] += " (budget spent: regions not reached keep their default runner)"
+        lines += [f"  {d.tag}: {d.line()}" for d in self.decisions]
+        return "\n".join(lines)
+
+
+# -- candidates -----------------------------------------------------------------------------
+def candidate_settings(settings: Settings) -> Settings:
+    """The settings autotune partitions with: the named delegates, else every available
+    non-reference delegate, opt-in ones included, in priority order."""
+    if settings.delegates is not None:
+        return settings
+    from nativert.delegate.registry import list_delegates
+
+    ids = [b for b in list_delegates(available_only=True) if not get_delegate(b).reference]
+    return settings.replace(delegates=tuple(ids)) if ids else settings
+
+
+def _supports_all(delegate: Delegate, nodes: Sequence[Node]) -> bool:
+    import operator
+
+    return all(delegate.check_support(n) is None for n in nodes if n.target is not operator.getitem)
+
+
+# -- example values -------------------------------------------------------------------------
+def _hint(dim: Any) -> int:
+    if isinstance(dim, torch.SymInt):
+        hint = dim.node.hint
+        return int(hint) if hint is not None else 4
+    return int(dim)
+
+
+def _synthesize(val: Any) -> Any:
+    """A real value like `val` (a placeholder's meta value): floats random, others zero (so
+    indices stay in range)."""
+    if isinstance(val, torch.Tensor):
+        shape = [_hint(d) for d in val.shape]
+        if val.dtype.is_floating_point or val.dtype.is_complex:
+            return torch.randn(shape, dtype=val.dtype, device=val.device)
+        return torch.zeros(shape, dtype=val.dtype, device=val.device)
+    if isinstance(val, torch.SymInt):
+        return _hint(val)
+    return val
+
+
+def user_inputs(program: ExportedProgram, example_inputs: Any) -> list[Any]:
+    """Flat user inputs: the example inputs given, else synthesized ones."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    leaves = torch.utils._pytree.tree_leaves(example_inputs)
+    if example_inputs is not None and not any(isinstance(v, FakeTensor) for v in leaves):
+        args, kwargs = example_inputs
+        return list(InputSpecs(program).flatten(tuple(args), dict(kwargs)))
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    return [
+        _synthesize(placeholders[s.arg.name].meta.get("val"))
+        for s in program.graph_signature.input_specs
+        if s.kind == InputKind.USER_INPUT
+    ]
+
+
+def node_values(program: ExportedProgram, flat_inputs: Sequence[Any]) -> dict[str, Any]:
+    """Run `program` once; every node's value by name (placeholders by signature name)."""
+    args, inputs = [], iter(flat_inputs)
+    for spec in program.graph_signature.input_specs:
+        if spec.kind in WEIGHT_KINDS:
+            args.append(weight_tensor(program, spec.target))
+        elif spec.kind == InputKind.USER_INPUT:
+            args.append(next(inputs))
+        else:
+            raise DelegateCompileError(f"autotune cannot run inputs of kind {spec.kind.name}")
+    interpreter = torch.fx.Interpreter(program.graph_module, garbage_collect_values=False)
+    with torch.no_grad():
+        interpreter.run(*args)
+    return {n.meta.get(ARG_NAME_KEY, n.name): v for n, v in interpreter.env.items()}
+
+
+# -- timing ---------------------------------------------------------------------------------
+def time_interleaved(cases: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
+    """Median ms per call of each case, over rounds run in shuffled order."""
+    if len(cases) == 1:
+        return {name: 0.0 for name in cases}
+    rng = random.Random(0)
+    runs = {}
+    with torch.no_grad():
+        for name, fn in cases.items():
+            fn()  # warm up: first-call allocations, lazy initialisation
+            start = time.perf_counter()
+            fn()
+            single = max(time.perf_counter() - start, 1e-6)
+            runs[name] = max(1, min(1000, int(_ROUND_S / single)))
+        samples: dict[str, list[float]] = {name: [] for name in cases}
+        order = list(cases)
+        for _ in range(_ROUNDS):
+            rng.shuffle(order)
+            for name in order:
+                fn, n = cases[name], runs[name]
+                time.sleep(_SETTLE_S)
+                fn()  # wakes this runtime's threads
+                start = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                samples[name].append((time.perf_counter() - start) / n * 1e3)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def _close(got: Any, expected: Any) -> str | None:
+    """None when `got` matches `expected` (outputs of one segment), else what differs."""
+    if len(got) != len(expected):
+        return f"{len(got)} outputs, expected {len(expected)}"
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        if not isinstance(e, torch.Tensor):
+            continue
+        if not isinstance(g, torch.Tensor) or g.shape != e.shape or g.dtype != e.dtype:
+            return f"output {i} is {getattr(g, 'shape', g)}, expected {e.dtype}{list(e.shape)}"
+        if e.dtype.is_floating_point:
+            scale = float(e.abs().max()) if e.numel() else 0.0
+            err = float((g - e).abs().max()) if e.numel() else 0.0
+            if not err <= _RTOL * (1.0 + scale):
+                return f"output {i} differs from PyTorch's by {err:.3g}"
+        elif not torch.equal(g, e):
+            return f"output {i} differs from PyTorch's"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+# -- the decision cache ---------------------------------------------------------------------
+@functools.cache
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}; {os.cpu_count()} CPUs"
+
+
+class DecisionCache:
+    """Decisions by key, one small JSON file each; unreadable entries are ignored."""
+
+    def __init__(self, cache_dir: str | None) -> None:
+        if cache_dir is None:
+            self.directory = None
+        else:
+            base = default_cache_dir() if cache_dir == DEFAULT_CACHE else Path(cache_dir)
+            self.directory = base / "autotune"
+
+    def get(self, key: str, runners: Sequence[str]) -> Decision | None:
+        if self.directory is None:
+            return None
+        try:
+            data = json.loads((self.directory / f"{key}.json").read_text())
+            if data.get("key") != key or data.get("choice") not in runners:
+                return None
+            measurements = tuple(
+                Measurement(str(r), None if ms is None else float(ms), f)
+                for r, ms, f in data["measurements"]
+            )
+            return Decision(str(data["tag"]), data["choice"], measurements, cached=True)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def put(self, key: str, decision: Decision) -> None:
+        if self.directory is None:
+            return
+        data = {
+            "format": _FORMAT,
+            "key": key,
+            "tag": decision.tag,
+            "choice": decision.choice,
+            "measurements": [[m.runner, m.ms, m.failure] for m in decision.measurements],
+        }
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = self.directory / f".{key}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, self.directory / f"{key}.json")
+        except OSError as exc:
+            logger.warning("nativert autotune: cannot write its cache (%s)", exc)
+
+
+def _key(code: str, inputs: Sequence[Any], delegates: Sequence[Delegate], settings) -> str:
+    def text(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return f"{value.dtype}{list(value.shape)}@{value.device.type}"
+        return repr(value)
+
+    parts = {
+        "format": _FORMAT,
+        "code": code,
+        "inputs": [text(v) for v in inputs],
+        "candidates": {
+            d.backend_id: [d.version, d.toolchain(), repr(settings.specs_for(d))] for d in delegates
+        },
+        "machine": machine(),
+        "threads": torch.get_num_threads(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# -- the search -----------------------------------------------------------------------------
+class _Tuner:
+    def __init__(self, settings: Settings, cache: PayloadCache | None) -> None:
+        self.settings = settings
+        self.cache = cache
+        self.decisions = DecisionCache(settings.cache_dir)
+        self.report = TuningReport()
+        self.start = time.perf_counter()
+
+    def over_budget(self) -> bool:
+        if time.perf_counter() - self.start > self.settings.autotune_budget_s:
+            self.report.budget_spent = True
+        return self.report.budget_spent
+
+    def region(
+        self,
+        tag: str,
+        segment: ExportedProgram,
+        args: Sequence[Any],
+        default: str,
+        candidates: Sequence[Delegate],
+    ) -> tuple[Decision, dict[str, bytes]]:
+        """Measure one region on each candidate and PyTorch; the decision and the payloads
+        compiled for it (by backend id)."""
+        runners = [d.backend_id for d in candidates] + [PYTORCH]
+        key = _key(segment_key(segment, "autotune", {}, ()), args, candidates, self.settings)
+        cached = self.decisions.get(key, runners)
+        if cached is not None:
+            return dataclasses.replace(cached, tag=tag), {}
+        reference = segment.graph_module
+        with torch.no_grad():
+            expected = reference(*args)
+        cases: dict[str, Callable[[], Any]] = {PYTORCH: functools.partial(reference, *args)}
+        failures: dict[str, str] = {}
+        payloads: dict[str, bytes] = {}
+        for delegate in candidates:
+            bid = delegate.backend_id
+            if bid != default and self.over_budget():
+                failures[bid] = "not tried: autotune_budget_s spent"
+                continue
+            try:
+                cases[bid], payloads[bid] = self._compile(segment, tag, delegate, args, expected)
+            except Exception as exc:  # any candidate may fail; the others still compete
+                failures[bid] = _first_line(exc)
+        times = time_interleaved(cases)
+        measurements = tuple(Measurement(r, times.get(r), failures.get(r)) for r in runners)
+        choice = min(times, key=times.__getitem__)
+        decision = Decision(tag, choice, measurements)
+        if not self.report.budget_spent:
+            self.decisions.put(key, decision)
+        return decision, payloads
+
+    def _compile(self, segment, tag, delegate, args, expected):
+        spec = DelegationSpec(delegate.backend_id, self.settings.specs_for(delegate))
+        lowered = compile_segment(segment, spec, tag, cache=self.cache)
+        executor = lowered.load_executor()
+        count = lowered.num_weights
+        executor.init_weights(dict(zip(lowered.weight_names, args[:count], strict=True)))
+        state, inputs = executor.active_state(), list(args[count:])
+        with torch.no_grad():
+            mismatch = _close(executor.run_with(state, inputs), expected)
+        if mismatch is not None:
+            raise DelegateCompileError(f"wrong results: {mismatch}")
+        return functools.partial(executor.run_with, state, inputs), lowered.processed_bytes
+
+
+def _region_nodes(program: ExportedProgram, tag: str) -> list[Node]:
+    return [
+        n for n in program.graph.nodes if n.op == "call_function" and n.meta.get(TAG_KEY) == tag
+    ]
+
+
+def _plain_copy(program: ExportedProgram) -> ExportedProgram:
+    return rebuild_program(program, copy_graph_module(program))
+
+
+def _untagged(program: ExportedProgram) -> ExportedProgram:
+    plan = _plain_copy(program)
+    for node in plan.graph.nodes:
+        node.meta.pop(TAG_KEY, None)
+    return plan
+
+
+def _keep_in_pytorch(program: ExportedProgram, tag: str, why: str) -> None:
+    for node in _region_nodes(program, tag):
+        node.meta.pop(TAG_KEY, None)
+        node.meta[REASON_KEY] = why
+
+
+def tune_and_lower(
+    result: PartitionResult,
+    settings: Settings,
+    *,
+    cache: PayloadCache | None,
+    example_inputs: Any,
+    lower: Callable[..., ExportedProgram],
+) -> tuple[ExportedProgram, TuningReport]:
+    """Steps 2-4 of the module docstring on a partitioned program; the lowered program of
+    the fastest plan and what was measured. `lower(program, tags, **kw)` lowers a tagged
+    program (lower_tagged_program with the pipeline's cache and fallback handling)."""
+    tuner = _Tuner(settings, cache)
+    program = result.tagged_program
+    flat = user_inputs(program, example_inputs)
+    delegates = [get_delegate(b) for b in candidate_settings(settings).delegates or ()]
+    compute = _tensor_compute(program)
+    whole = [d for d in delegates if compute and _supports_all(d, compute)]
+    runners = [MIXED, PYTORCH, *(d.backend_id for d in whole)]
+    key = _key(program.graph_module.code, flat, whole, settings)
+    known = tuner.decisions.get(key, runners)
+    if known is not None and known.choice != MIXED:
+        plan = _whole_plan(program, known.choice, settings, lower)
+        chosen = _annotate(plan, known, tuner.report) if plan is not None else None
+    else:
+        chosen = None
+    if chosen is None:
+        mixed = _mixed_plan(tuner, result, flat, delegates, lower)
+        chosen = _choose_plan(tuner, program, mixed, flat, whole, key, known, lower)
+    tuner.report.seconds = time.perf_counter() - tuner.start
+    logger.info("%s", tuner.report)
+    return chosen, tuner.report
+
+
+def _mixed_plan(tuner, result: PartitionResult, flat, delegates, lower) -> ExportedProgram:
+    """Step 3: each region on its fastest runner."""
+    settings, program = tuner.settings, result.tagged_program
+    values = node_values(program, flat)
+    plan = _plain_copy(program)  # tags travel with the copied nodes
+    tags: dict[str, DelegationSpec] = {}
+    precompiled: dict[str, bytes] = {}
+    notes: dict[str, str] = {}
+    for tag, (segment, arg_names) in region_segments(program, result.tags).items():
+        default = result.tags[tag].backend_id
+        nodes = _region_nodes(program, tag)
+        candidates = [d for d in delegates if d.backend_id == default or _supports_all(d, nodes)]
+        if default not in [d.backend_id for d in candidates]:  # a custom partitioner's choice
+            candidates.insert(0, get_delegate(default))
+        args = [values[name] for name in arg_names]
+        decision, payloads = tuner.region(tag, segment, args, default, candidates)
+        tuner.report.decisions.append(decision)
+        if decision.choice == PYTORCH:
+            _keep_in_pytorch(plan, tag, f"autotune: {decision.line()}")
+            continue
+        new_tag = tag if decision.choice == default else f"{decision.choice}_{tag}"
+        tags[new_tag] = DelegationSpec(
+            decision.choice, settings.specs_for(get_delegate(decision.choice))
+        )
+        for node in _region_nodes(plan, tag):
+            node.meta[TAG_KEY] = new_tag
+        if decision.choice in payloads:
+            precompiled[new_tag] = payloads[decision.choice]
+        notes[new_tag] = decision.line()
+    return lower(plan, tags, precompiled=precompiled, notes=notes)
+
+
+def _tensor_compute(program: ExportedProgram) -> list[Node]:
+    """Nodes a partitioner would delegate: tensor-producing call_functions."""
+    import operator
+
+    from nativert.call_delegate import call_delegate
+
+    found = []
+    for node in program.graph.nodes:
+        if node.op != "call_function" or node.target in (operator.getitem, call_delegate):
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) or (
+            isinstance(val, (tuple, list)) and val and all(isinstance(v, torch.Tensor) for v in val)
+        ):
+            found.append(node)
+    return found
+
+
+def _whole_plan(program, runner: str, settings: Settings, lower) -> ExportedProgram | None:
+    """The program with every tensor node on `runner` (a backend id, or PyTorch); None when
+    that delegate cannot take it after all."""
+    plan = _untagged(program)
+    if runner == PYTORCH:
+        return lower(plan, {})
+    tag = f"{runner}_program"
+    for node in _tensor_compute(plan):
+        node.meta[TAG_KEY] = tag
+    spec = DelegationSpec(runner, settings.specs_for(get_delegate(runner)))
+    try:
+        return lower(plan, {tag: spec}, strict=True)
+    except Exception as exc:  # e.g. it supports every op but not this graph's structure
+        logger.info("autotune: %s cannot take the whole program: %s", runner, _first_line(exc))
+        return None
+
+
+def _choose_plan(tuner, program, mixed, flat, whole, key, known, lower) -> ExportedProgram:
+    """Step 4: the mixed plan against PyTorch alone and each delegate that takes the whole
+    program, end to end on an Executor."""
+    from nativert.backend.runtime import Executor
+    from nativert.call_delegate import lowered_modules
+
+    if not _tensor_compute(mixed) and len(lowered_modules(mixed)) == 1:
+        return mixed  # one region holds everything: step 3 compared every candidate
+    if known is not None:  # MIXED, cached
+        tuner.report.decisions.append(known)
+        return mixed
+    plans = {MIXED: mixed}
+    if lowered_modules(mixed):  # else the mixed plan is PyTorch alone already
+        plans[PYTORCH] = lower(_untagged(program), {})
+    for delegate in whole:
+        if tuner.over_budget():
+            break
+        plan = _whole_plan(program, delegate.backend_id, tuner.settings, lower)
+        if plan is not None:
+            plans[delegate.backend_id] = plan
+    if len(plans) == 1:
+        return mixed
+    failures: dict[str, str] = {}
+    cases = {}
+    for name, plan in plans.items():
+        try:
+            executor = Executor(plan)
+            executor.run_flat(flat)
+            cases[name] = functools.partial(executor.run_flat, flat)
+        except Exception as exc:  # a plan that cannot run loses; the mixed plan is a fallback
+            failures[name] = _first_line(exc)
+    if not cases:
+        return mixed
+    times = time_interleaved(cases)
+    runners = [MIXED, PYTORCH, *(d.backend_id for d in whole)]
+    measurements = tuple(
+        Measurement(r, times.get(r), failures.get(r)) for r in runners if r in plans
+    )
+    decision = Decision("program", min(times, key=times.__getitem__), measurements)
+    if not tuner.report.budget_spent:
+        tuner.decisions.put(key, decision)
+    return _annotate(plans[decision.choice], decision, tuner.report)
+
+
+def _annotate(plan: ExportedProgram, decision: Decision, report=None) -> ExportedProgram:
+    """Record a program-level decision on the plan's nodes (for the delegation report)."""
+    from nativert.call_delegate import call_delegate
+
+    if report is not None:
+        report.decisions.append(decision)
+    if decision.choice == MIXED:
+        return plan
+    for node in plan.graph.nodes:
+        if node.target is call_delegate:
+            node.meta[TUNING_KEY] = f"whole program: {decision.line()}"
+        elif decision.choice == PYTORCH and node.op == "call_function":
+            node.meta[REASON_KEY] = f"autotune, whole program: {decision.line()}"
+    return plan

@@ -1,0 +1,153 @@
+"""Autotune: each region's runner chosen by measurement, decisions cached, numerics kept.
+
+The graphs are built so that one runner wins by a wide margin whatever the machine's noise:
+a tiny elementwise op (a runtime call costs more than the op: PyTorch wins) and a conv net at
+1x3x64x64 (ONNX Runtime's fused, pre-packed convolutions win several times over).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import nativert
+from nativert.backend.autotune import PYTORCH, time_interleaved
+from nativert.backend.pipeline import lower_program
+from tests.conftest import assert_close
+
+
+class Tiny(nn.Module):
+    def forward(self, x):
+        return x + 1
+
+
+class Convs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layers, channels = [], 3
+        for width in (32, 64, 64, 64):
+            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+            channels = width
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.body(x).mean(dim=(2, 3))
+
+
+def _lower(model, inputs, tmp_path, **options):
+    program = torch.export.export(model.eval(), inputs)
+    settings = nativert.Settings(autotune=True, cache_dir=str(tmp_path / "cache"), **options)
+    return lower_program(program, settings)
+
+
+def test_a_tiny_region_stays_in_pytorch_with_every_candidate_reported(tmp_path):
+    model, x = Tiny(), torch.randn(4)
+    result = _lower(model, (x,), tmp_path, delegates=["onnxruntime"])
+    (decision, *_) = result.tuning.decisions
+    assert decision.choice == PYTORCH, str(result.tuning)
+    assert [m.runner for m in decision.measurements] == ["onnxruntime", PYTORCH]
+    assert all(m.ms is not None and m.ms > 0 for m in decision.measurements)
+    report = nativert.delegation_report(result.program)
+    assert report.delegated_nodes == 0
+    (reasons,) = report.reasons.values()
+    assert any("autotune" in r and "onnxruntime" in r and "ms" in r for r in reasons), reasons
+    assert_close(nativert.Executor(result.program)(x), model(x))
+
+
+def test_a_heavy_region_goes_to_the_faster_delegate_and_matches_eager(tmp_path):
+    torch.manual_seed(0)
+    model, x = Convs().eval(), torch.randn(1, 3, 64, 64)
+    result = _lower(model, (x,), tmp_path, delegates=["onnxruntime"])
+    (decision,) = result.tuning.decisions
+    assert decision.choice == "onnxruntime", str(result.tuning)
+    times = {m.runner: m.ms for m in decision.measurements}
+    assert times["onnxruntime"] < times[PYTORCH]
+    report = nativert.delegation_report(result.program)
+    assert report.delegated_nodes == report.total_nodes
+    (region,) = report.regions
+    assert "onnxruntime" in region.tuning and "pytorch" in region.tuning, region
+    assert "autotune:" in str(report)
+    with torch.no_grad():
+        assert_close(nativert.Executor(result.program)(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_decisions_are_reused_from_the_cache_without_timing_again(tmp_path, count_loads):
+    model, x = Tiny(), torch.randn(4)
+    first = _lower(model, (x,), tmp_path, delegates=["onnxruntime"])
+    assert not any(d.cached for d in first.tuning.decisions)
+    loads = count_loads("onnxruntime")
+    second = _lower(model, (x,), tmp_path, delegates=["onnxruntime"])
+    assert [d.choice for d in second.tuning.decisions] == [
+        d.choice for d in first.tuning.decisions
+    ]
+    assert all(d.cached for d in second.tuning.decisions)
+    assert loads == []  # nothing was compiled-and-loaded to be timed
+    assert "(cached decision)" in str(second.tuning)
+    assert_close(nativert.Executor(second.program)(x), model(x))
+
+
+def test_a_corrupt_cache_entry_is_ignored_and_tuned_again(tmp_path):
+    model, x = Tiny(), torch.randn(4)
+    _lower(model, (x,), tmp_path, delegates=["onnxruntime"])
+    entries = list((tmp_path / "cache" / "autotune").glob("*.json"))
+    assert entries
+    for entry in entries:
+        data = json.loads(entry.read_text())
+        data["choice"] = "no_such_runner"
+        entry.write_text(json.dumps(data))
+    again = _lower(model, (x,), tmp_path, delegates=["onnxruntime"])
+    assert not any(d.cached for d in again.tuning.decisions)
+    assert_close(nativert.Executor(again.program)(x), model(x))
+
+
+def test_a_spent_budget_keeps_the_default_and_caches_nothing(tmp_path):
+    torch.manual_seed(0)
+    model, x = Convs().eval(), torch.randn(1, 3, 16, 16)
+    result = _lower(
+        model, (x,), tmp_path, delegates=["onnxruntime", "aoti"], autotune_budget_s=1e-6
+    )
+    assert result.tuning.budget_spent
+    (decision,) = result.tuning.decisions
+    aoti = next(m for m in decision.measurements if m.runner == "aoti")
+    assert aoti.ms is None and "autotune_budget_s" in aoti.failure
+    assert not (tmp_path / "cache" / "autotune").exists()
+    assert "budget spent" in str(result.tuning)
+    with torch.no_grad():
+        assert_close(nativert.Executor(result.program)(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_autotune_works_through_torch_compile(tmp_path):
+    torch._dynamo.reset()
+    model, x = Tiny(), torch.randn(4)
+    options = {"autotune": True, "delegates": ["onnxruntime"], "cache_dir": str(tmp_path)}
+    compiled = torch.compile(model, backend="nativert", options=options)
+    with torch.no_grad():
+        assert_close(compiled(x), model(x))
+    report = nativert.last_compile_report()
+    assert "autotune" in str(report)
+
+
+def test_time_interleaved_ranks_a_slow_case_last():
+    fast = torch.randn(8)
+    slow = torch.randn(256, 256)
+    times = time_interleaved({"fast": lambda: fast + 1, "slow": lambda: slow @ slow})
+    assert times["fast"] < times["slow"]
+
+
+@pytest.mark.slow
+def test_a_custom_op_program_can_go_whole_to_aoti_or_stay_mixed_and_match(tmp_path):
+    """ONNX Runtime cannot take a custom op; AOTInductor takes the whole program. Whatever
+    the program-level measurement picks, the numbers match eager and the report says why."""
+    from tests.models import make
+
+    model, inputs = make("custom_op")
+    result = _lower(model, inputs, tmp_path, delegates=["onnxruntime", "aoti"])
+    program_level = [d for d in result.tuning.decisions if d.tag == "program"]
+    assert program_level, str(result.tuning)
+    runners = {m.runner for m in program_level[0].measurements}
+    assert {"mixed", "aoti"} <= runners, str(result.tuning)
+    with torch.no_grad():
+        assert_close(nativert.Executor(result.program)(*inputs), model(*inputs), atol=1e-5)
