@@ -138,8 +138,13 @@ def lower(args: argparse.Namespace) -> int:
         raise CliError(
             f"torch.export failed for {args.factory}: {type(exc).__name__}: {first}"
         ) from exc
+    from nativert.backend import pipeline
+
     settings = settings_from_args(args, nativert.Settings(progress=True))
-    delegated = nativert.to_backend(program, settings=settings)
+    result = pipeline.lower_program(program, settings)
+    delegated = result.program
+    if result.tuning is not None:
+        print(result.tuning)
     print(nativert.delegation_report(delegated))
     nativert.save(delegated, args.output)
     print(f"saved {args.output} ({os.path.getsize(args.output) / 1e6:.2f} MB)")

@@ -151,3 +151,18 @@ def test_a_custom_op_program_can_go_whole_to_aoti_or_stay_mixed_and_match(tmp_pa
     assert {"mixed", "aoti"} <= runners, str(result.tuning)
     with torch.no_grad():
         assert_close(nativert.Executor(result.program)(*inputs), model(*inputs), atol=1e-5)
+
+
+def test_nativert_lower_autotune_prints_the_measurements_and_saves_a_working_package(tmp_path):
+    from tests.e2e.test_cli_and_packaging import FACTORIES, nativert_cli
+
+    (tmp_path / "factories.py").write_text(FACTORIES)
+    args = ["--autotune", "--delegates", "onnxruntime", "--cache-dir", str(tmp_path / "c")]
+    lowered = nativert_cli("lower", "factories.py:make", "-o", "m.pt2", *args, cwd=tmp_path)
+    assert lowered.returncode == 0, lowered.stderr
+    assert "Autotune: " in lowered.stdout and " ms" in lowered.stdout, lowered.stdout
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert_close(nativert.Executor(nativert.load(tmp_path / "m.pt2"))(x), model(x))
