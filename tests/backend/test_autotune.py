@@ -80,9 +80,7 @@ def test_decisions_are_reused_from_the_cache_without_timing_again(tmp_path, coun
     assert not any(d.cached for d in first.tuning.decisions)
     loads = count_loads("onnxruntime")
     second = _lower(model, (x,), tmp_path, delegates=["onnxruntime"])
-    assert [d.choice for d in second.tuning.decisions] == [
-        d.choice for d in first.tuning.decisions
-    ]
+    assert [d.choice for d in second.tuning.decisions] == [d.choice for d in first.tuning.decisions]
     assert all(d.cached for d in second.tuning.decisions)
     assert loads == []  # nothing was compiled-and-loaded to be timed
     assert "(cached decision)" in str(second.tuning)
