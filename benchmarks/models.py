@@ -1,7 +1,10 @@
-"""The benchmark suite's models, small and with random weights (nothing is downloaded).
+"""The benchmark suite's models, with random weights (nothing is downloaded).
 
-Each factory returns (model in eval mode, example inputs). BERT- and GPT-2-style encoders are
-built from `transformers` configs (the `bench` extra installs it).
+Sizes are realistic for CPU inference: each model takes from a few hundred microseconds to
+several milliseconds in eager PyTorch on 2 threads, so kernel quality shows, not only call
+overhead (microsecond models hide it). Each factory returns (model in eval mode, example
+inputs). BERT- and GPT-2-style encoders are built from `transformers` configs (the `bench`
+extra installs it).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from nativert.models import build
+from nativert.models import TransformerBlock
 
 
 @torch.library.custom_op("nativert_suite::soft_clip", mutates_args=())
@@ -38,12 +41,41 @@ class ResidualBlock(nn.Module):
         return torch.relu(x + self.bn2(self.conv2(h)))
 
 
+class DeepMLP(nn.Module):
+    """Three Linear(512, 512) + ReLU."""
+
+    def __init__(self, width: int = 512, depth: int = 3) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            *(m for _ in range(depth) for m in (nn.Linear(width, width), nn.ReLU()))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class ConvBnRelu(nn.Module):
+    """Four conv-bn-relu layers, pooled, then a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers, channels = [], 3
+        for width in (32, 64, 64, 64):
+            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+            channels = width
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean(dim=(2, 3)))
+
+
 class ResNetStack(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.blocks = nn.Sequential(*(ResidualBlock(16) for _ in range(3)))
-        self.head = nn.Linear(16, 10)
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.blocks = nn.Sequential(*(ResidualBlock(32) for _ in range(3)))
+        self.head = nn.Linear(32, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(torch.relu(self.stem(x))).mean(dim=(2, 3)))
@@ -52,8 +84,8 @@ class ResNetStack(nn.Module):
 class LSTMTagger(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.lstm = nn.LSTM(16, 32, batch_first=True)
-        self.head = nn.Linear(32, 8)
+        self.lstm = nn.LSTM(64, 128, batch_first=True)
+        self.head = nn.Linear(128, 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = self.lstm(x)
@@ -65,8 +97,8 @@ class Spectral(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.proj = nn.Linear(64, 64)
-        self.head = nn.Linear(33, 8)
+        self.proj = nn.Linear(256, 512)
+        self.head = nn.Linear(257, 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.fft.rfft(torch.relu(self.proj(x)), dim=-1).abs())
@@ -75,8 +107,8 @@ class Spectral(nn.Module):
 class WithCustomOp(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.a = nn.Linear(64, 128)
-        self.b = nn.Linear(128, 64)
+        self.a = nn.Linear(256, 1024)
+        self.b = nn.Linear(1024, 256)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(soft_clip(self.a(x)))
@@ -98,10 +130,10 @@ def _bert():
 
     config = BertConfig(
         vocab_size=1000,
-        hidden_size=128,
-        num_hidden_layers=2,
+        hidden_size=256,
+        num_hidden_layers=4,
         num_attention_heads=4,
-        intermediate_size=256,
+        intermediate_size=1024,
         max_position_embeddings=128,
     )
     return HiddenStates(BertModel(config))
@@ -112,8 +144,8 @@ def _gpt2():
 
     config = GPT2Config(
         vocab_size=1000,
-        n_embd=128,
-        n_layer=2,
+        n_embd=256,
+        n_layer=4,
         n_head=4,
         n_positions=128,
         bos_token_id=0,
@@ -137,15 +169,15 @@ def _ids(batch: int, seq: int) -> torch.Tensor:
 
 
 SUITE: dict[str, Callable[[], tuple[nn.Module, tuple]]] = {
-    "mlp": lambda: build("mlp"),
-    "convnet": lambda: build("convnet"),
+    "mlp": lambda: (DeepMLP(), (torch.randn(32, 512),)),
+    "convnet": lambda: (_with_random_bn(ConvBnRelu()), (torch.randn(1, 3, 64, 64),)),
     "resnet_stack": lambda: (_with_random_bn(ResNetStack()), (torch.randn(4, 3, 32, 32),)),
-    "transformer_block": lambda: build("transformer"),
-    "bert": lambda: (_bert(), (_ids(4, 32),)),
-    "gpt2": lambda: (_gpt2(), (_ids(4, 32),)),
-    "lstm": lambda: (LSTMTagger(), (torch.randn(4, 20, 16),)),
-    "fft": lambda: (Spectral(), (torch.randn(8, 64),)),
-    "custom_op": lambda: (WithCustomOp(), (torch.randn(8, 64),)),
+    "transformer_block": lambda: (TransformerBlock(256, 8), (torch.randn(4, 128, 256),)),
+    "bert": lambda: (_bert(), (_ids(4, 64),)),
+    "gpt2": lambda: (_gpt2(), (_ids(4, 64),)),
+    "lstm": lambda: (LSTMTagger(), (torch.randn(8, 50, 64),)),
+    "fft": lambda: (Spectral(), (torch.randn(64, 256),)),
+    "custom_op": lambda: (WithCustomOp(), (torch.randn(64, 256),)),
 }
 
 

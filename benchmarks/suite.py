@@ -1,6 +1,7 @@
-"""The benchmark suite: nine models, six ways to run each, one interleaved run per model.
+"""The benchmark suite: nine models, the ways a user could run each, one interleaved run per
+model.
 
-    python benchmarks/suite.py [--runs 50] [--rounds 5] [--models mlp,bert,...]
+    python benchmarks/suite.py [--runs 20] [--rounds 7] [--models mlp,bert,...]
 
 Ways to run (each compiled from the same model and inputs; inference, no grad):
   eager              the PyTorch model
@@ -8,9 +9,14 @@ Ways to run (each compiled from the same model and inputs; inference, no grad):
   plain_ort          the whole model through torch.onnx.export, one ONNX Runtime session
                      called with IOBinding (fresh output per call)
   aoti               the whole model through AOTInductor (aoti_compile_and_package)
+  openvino           openvino.convert_model(exported program), compiled for CPU with f32
+                     precision and the latency hint, called through one InferRequest
+  openvino_compile   torch.compile(model, backend="openvino")
   nativert_compile   torch.compile(model, backend="nativert"), payload cache off
   nativert_executor  nativert.Executor(nativert.to_backend(torch.export.export(...))),
                      payload cache off
+  nativert_autotune  the same with autotune=True, from an empty cache (the compile time
+                     includes the tuning)
 Per model and way: compile time, median and min latency (over rounds of `runs` calls),
 speed-up over eager, max abs error against eager, or the failure. Writes
 benchmarks/results/suite.{json,md}.
@@ -19,6 +25,7 @@ benchmarks/results/suite.{json,md}.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import warnings
@@ -50,6 +57,32 @@ def inductor(model, inputs, expected):
     return lambda: compiled(*inputs)
 
 
+def openvino(model, inputs, expected):
+    import openvino as ov
+
+    converted = ov.convert_model(torch.export.export(model, inputs))
+    config = {
+        "INFERENCE_PRECISION_HINT": "f32",
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+    }
+    request = ov.Core().compile_model(converted, "CPU", config).create_infer_request()
+
+    def run():
+        outputs = request.infer([x.numpy() for x in inputs], share_inputs=True)
+        return torch.from_numpy(outputs[0])
+
+    return run
+
+
+def openvino_compile(model, inputs, expected):
+    import openvino.torch  # noqa: F401  (registers the backend)
+
+    compiled = torch.compile(model, backend="openvino")
+    compiled(*inputs)
+    return lambda: compiled(*inputs)
+
+
 def nativert_compile(model, inputs, expected):
     compiled = torch.compile(model, backend="nativert", options={"cache_dir": None})
     compiled(*inputs)
@@ -62,13 +95,29 @@ def nativert_executor(model, inputs, expected):
     return lambda: executor(*inputs)
 
 
+def nativert_autotune(model, inputs, expected):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        program = nativert.to_backend(
+            torch.export.export(model, inputs), autotune=True, cache_dir=cache
+        )
+    executor = nativert.Executor(program)
+    print(nativert.delegation_report(program), flush=True)
+    return lambda: executor(*inputs)
+
+
 WAYS = {
     "inductor": inductor,
     "plain_ort": plain_ort_runner,
     "aoti": aoti,
+    "openvino": openvino,
+    "openvino_compile": openvino_compile,
     "nativert_compile": nativert_compile,
     "nativert_executor": nativert_executor,
+    "nativert_autotune": nativert_autotune,
 }
+PEERS = ("eager", "inductor", "plain_ort", "aoti", "openvino", "openvino_compile")
 
 
 def _failure(exc: BaseException) -> str:
@@ -114,10 +163,51 @@ def bench_model(name: str, args) -> dict:
     return result
 
 
+def _latency(us: float) -> str:
+    return f"{us:.0f} us" if us < 1000 else f"{us / 1000:.2f} ms"
+
+
+def _versus_peers(results: dict) -> list[str]:
+    """Per model: the best peer, and each nativert way as a ratio of it (>1: faster); then
+    geomeans of the speed-ups over eager."""
+    ours = [w for w in WAYS if w.startswith("nativert")]
+    lines = [
+        "Against the best peer per model (ratio = peer latency / nativert latency; >= 1.00 "
+        "means nativert is at least as fast):",
+        "",
+        "| model | best peer | " + " | ".join(ours) + " |",
+        "|---|---|" + "---|" * len(ours),
+    ]
+    logs: dict[str, list[float]] = {w: [] for w in ["best_peer", *ours]}
+    for name, r in results.items():
+        medians = r["median_us"]
+        peers = {w: medians[w] for w in PEERS if w in medians}
+        best = min(peers, key=peers.__getitem__)
+        logs["best_peer"].append(math.log(r["speedup_vs_eager"][best]))
+        cells = []
+        for way in ours:
+            if way in medians:
+                cells.append(f"{peers[best] / medians[way]:.2f}")
+                logs[way].append(math.log(r["speedup_vs_eager"][way]))
+            else:
+                cells.append("failed")
+        lines.append(
+            f"| {name} | {best} (x{r['speedup_vs_eager'][best]:.2f}) | " + " | ".join(cells) + " |"
+        )
+    geo = {w: math.exp(sum(v) / len(v)) for w, v in logs.items() if v}
+    lines += [
+        "",
+        "Geomean speed-up over eager: "
+        + ", ".join(f"{w} x{g:.2f}" for w, g in geo.items())
+        + " (best_peer: the fastest peer of each model).",
+    ]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--models", default=",".join(SUITE))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -132,6 +222,7 @@ def main() -> None:
         "machine": machine(),
         "torch": torch.__version__,
         "onnxruntime": __import__("onnxruntime").__version__,
+        "openvino": __import__("openvino").__version__,
         "models": results,
     }
     ways = ["eager", *WAYS]
@@ -139,7 +230,8 @@ def main() -> None:
         f"# nativert benchmark suite ({report['date']})",
         "",
         f"`{command}` on {report['machine']}; torch {report['torch']}, onnxruntime "
-        f"{report['onnxruntime']}. Inference. Each cell: median latency (speed-up over eager); "
+        f"{report['onnxruntime']}, openvino {report['openvino']}. Inference. Each cell: median "
+        "latency (speed-up over eager); "
         "min latency, compile time and numerics are in suite.json.",
         "",
         "| model | " + " | ".join(ways) + " |",
@@ -151,8 +243,9 @@ def main() -> None:
             if way in r["failures"]:
                 cells.append("failed")
             else:
-                cells.append(f"{r['median_us'][way]:.0f} us (x{r['speedup_vs_eager'][way]:.2f})")
+                cells.append(f"{_latency(r['median_us'][way])} (x{r['speedup_vs_eager'][way]:.2f})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", *_versus_peers(results)]
     lines += ["", "Compile time (s) and max abs error vs eager:", ""]
     lines += ["| model | " + " | ".join(WAYS) + " |", "|---|" + "---|" * len(WAYS)]
     for name, r in results.items():
