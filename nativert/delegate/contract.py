@@ -89,7 +89,7 @@ class Delegate(abc.ABC):
         version: of the payload format; a package written by another version runs its
             reference program instead (or fails under strict loading).
         priority: order among delegates, higher first (built-ins: tensorrt 400,
-            onnxruntime 300, aoti 200, eager 0). Ties go by backend_id.
+            onnxruntime 300, openvino 250, aoti 200, eager 0). Ties go by backend_id.
         reference: a reference, not a fast path (eager): default partitioning uses it only
             when no other delegate is available.
         default_candidate: False for delegates used only when named (aoti: compiles take

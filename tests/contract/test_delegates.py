@@ -20,7 +20,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 import nativert
 from tests.conftest import assert_close, run_in_threads
 
-DELEGATES = ["eager", "onnxruntime", "aoti", "tensorrt"]
+DELEGATES = ["eager", "onnxruntime", "openvino", "aoti", "tensorrt"]
 
 
 class Dense(nn.Module):

@@ -14,7 +14,7 @@ import nativert
 from nativert.backend.delegates.eager import EagerDelegate
 from tests.models import make
 
-BUILTIN_ORDER = ["tensorrt", "onnxruntime", "aoti", "eager"]
+BUILTIN_ORDER = ["tensorrt", "onnxruntime", "openvino", "aoti", "eager"]
 
 
 class Renamed(EagerDelegate):
@@ -38,7 +38,7 @@ class Fast(EagerDelegate):
 
 def test_builtins_are_ordered_by_priority():
     assert nativert.list_delegates() == BUILTIN_ORDER
-    assert [nativert.get_delegate(b).priority for b in BUILTIN_ORDER] == [400, 300, 200, 0]
+    assert [nativert.get_delegate(b).priority for b in BUILTIN_ORDER] == [400, 300, 250, 200, 0]
     assert nativert.get_delegate("eager").is_available()
 
 
@@ -49,6 +49,7 @@ def test_priority_not_registration_order_decides(registered):
         "tensorrt",
         "fast",
         "onnxruntime",
+        "openvino",
         "aoti",
         "eager",
         "eager_copy",
@@ -176,7 +177,7 @@ def test_a_delegate_installed_through_the_entry_point_is_found_and_ordered(tmp_p
     )
     assert result.returncode == 0, result.stderr[-3000:]
     order, used, error = result.stdout.strip().splitlines()[-3:]
-    assert order == str(["tensorrt", "tiny", "onnxruntime", "aoti", "eager"])
+    assert order == str(["tensorrt", "tiny", "onnxruntime", "openvino", "aoti", "eager"])
     assert used == str(["tiny"])
     assert "'broken' failed to load: RuntimeError: this plugin cannot start" in error
     assert "entry point 'broken' (tiny_delegate:broken) was not registered" in result.stderr

@@ -9,12 +9,14 @@ from __future__ import annotations
 from nativert.backend.delegates.aoti import AotiDelegate
 from nativert.backend.delegates.eager import EagerDelegate
 from nativert.backend.delegates.onnxruntime import OnnxRuntimeDelegate
+from nativert.backend.delegates.openvino import OpenVinoDelegate
 from nativert.backend.delegates.tensorrt import TensorRtDelegate
 from nativert.delegate import Delegate, is_registered, register_delegate
 
 BUILTIN_DELEGATES: tuple[type[Delegate], ...] = (
     TensorRtDelegate,
     OnnxRuntimeDelegate,
+    OpenVinoDelegate,
     AotiDelegate,
     EagerDelegate,
 )
@@ -31,6 +33,7 @@ __all__ = [
     "AotiDelegate",
     "EagerDelegate",
     "OnnxRuntimeDelegate",
+    "OpenVinoDelegate",
     "TensorRtDelegate",
     "register_builtin_delegates",
 ]

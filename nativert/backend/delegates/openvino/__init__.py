@@ -1,0 +1,91 @@
+"""The `openvino` delegate: segments converted to OpenVINO IR and run by its CPU plugin.
+
+convert: the compile step (OpenVINO's PyTorch frontend, weights left out of the IR);
+payload: the payload format and the untrusted-payload check; executor: compiled models,
+infer requests and staged weights; support: the table of core ATen ops it runs.
+
+Security (`executes_native_code = False`): an OpenVINO IR is a graph of built-in operations
+plus a blob of constants: data, interpreted by OpenVINO's own kernels (the CPU plugin JITs
+them from op attributes, as ONNX Runtime picks kernels: OpenVINO's code, not the file's). An
+IR could make OpenVINO run foreign code only through operation extensions (shared libraries
+loaded by `Core.add_extension`, which nativert never calls) and the custom op types they
+register, so `check_payload` (payload.check_untrusted) refuses any layer whose version is
+not a standard opset, and also: constants that read outside the payload's blob or whose
+size does not match their shape, XML with a DTD or entities, and rt_info beyond the runtime
+version (rt_info can carry runtime options that compile_model applies). The IR is read from
+memory, so it names no files, and the device ("CPU") and compile options come from nativert,
+never from the payload. What is left is the attack surface of any runtime that parses
+untrusted models (bugs in OpenVINO's IR reader or kernels), the same as onnxruntime's.
+
+Not a default candidate: name it (`delegates=["openvino"]`) or let autotune time it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Sequence
+
+import torch
+from torch.export import ExportedProgram
+from torch.fx import Node
+
+from nativert.backend.delegates.openvino import support
+from nativert.backend.delegates.openvino.convert import THREADS, convert_segment
+from nativert.backend.delegates.openvino.executor import OpenVinoExecutor
+from nativert.backend.delegates.openvino.payload import check_untrusted
+from nativert.delegate import Availability, CompileSpec, Delegate
+
+
+@functools.cache
+def _table():
+    return support.build_table()
+
+
+class OpenVinoDelegate(Delegate):
+    backend_id = "openvino"
+    priority = 250
+    default_candidate = False  # used when named, or by autotune
+    cacheable = True  # payloads carry no weight data
+    thread_spec = THREADS
+    compile_spec_keys = frozenset({THREADS})
+    executes_native_code = False  # an IR of built-in opsets (check_payload)
+
+    def toolchain(self) -> dict[str, str]:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return {"openvino": version("openvino")}
+        except PackageNotFoundError:
+            return {"openvino": "missing"}
+
+    def is_available(self) -> Availability:
+        if importlib.util.find_spec("openvino") is None:
+            return Availability(
+                False, "missing Python package openvino (pip install 'nativert[openvino]')"
+            )
+        return Availability(True)
+
+    def check_support(self, node: Node) -> str | None:
+        return _table().check(node)
+
+    def ops_to_preserve(self) -> frozenset[torch._ops.OpOverload]:
+        return frozenset(support.PRESERVED)
+
+    def preprocess(self, program: ExportedProgram, compile_specs: Sequence[CompileSpec]) -> bytes:
+        return convert_segment(program, compile_specs)
+
+    def check_payload(self, payload: bytes) -> None:
+        check_untrusted(payload)
+
+    def load(
+        self,
+        payload: bytes,
+        compile_specs: Sequence[CompileSpec],
+        *,
+        reference: ExportedProgram,
+    ) -> OpenVinoExecutor:
+        return OpenVinoExecutor(payload, compile_specs, reference)
+
+
+__all__ = ["OpenVinoDelegate", "OpenVinoExecutor"]

@@ -1,0 +1,179 @@
+"""The openvino delegate's compile step: a segment through OpenVINO's PyTorch frontend to a
+weight-free IR (payload.py has the format).
+
+The segment's graph module goes through OpenVINO's PyTorch frontend (the FX decoder that
+`openvino.convert_model` uses for an ExportedProgram) straight, without `convert_model`
+around it: that wrapper re-runs decompositions on a program we decomposed already, makes
+every dimension dynamic, takes a quarter of a second more, and sends usage telemetry
+(OpenVINO's `openvino_telemetry`, on unless the user opted out) from every compile. Then the
+same IR clean-up `convert_model` applies (`apply_moc_transformations` without constant
+folding, `apply_fused_names_cleanup`).
+
+Every placeholder becomes an IR Parameter: the weights too, so the IR carries no weight
+values, and the executor replaces those Parameters with Constants over the torch tensors
+before it compiles (OpenVINO then folds and pre-packs them as if they were embedded).
+Dimensions the segment has as SymInts (torch.export Dims) are dynamic, the rest static.
+Converted outputs must have the segment's dtypes, and the IR must pass the untrusted-payload
+check (it will be checked when a package is loaded).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+
+from nativert._program import placeholder_values, weight_names
+from nativert.backend.delegates.openvino.payload import Payload, check_untrusted, pack
+from nativert.delegate import CompileSpec
+from nativert.errors import DelegateCompileError
+
+THREADS = "inference_num_threads"
+# The dtypes the executor binds (the support table keeps every other one out of segments).
+DTYPES = (torch.float32, torch.int64, torch.int32, torch.bool)
+_OV_DTYPES = {"f32": torch.float32, "i64": torch.int64, "i32": torch.int32, "boolean": torch.bool}
+
+
+def to_torch_dtype(element_type: Any) -> torch.dtype | None:
+    """The torch dtype of an OpenVINO element type (None for those nativert never binds)."""
+    return _OV_DTYPES.get(element_type.get_type_name())
+
+
+def options(compile_specs: Sequence[CompileSpec]) -> dict[str, Any]:
+    """The compile specs as a dict; unknown ones raise."""
+    values = {spec.key: spec.value for spec in compile_specs}
+    unknown = sorted(set(values) - {THREADS})
+    if unknown:
+        raise DelegateCompileError(f"openvino: unknown compile specs {unknown}; valid: {[THREADS]}")
+    threads = values.get(THREADS)
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise DelegateCompileError(
+            f"openvino: compile spec {THREADS!r} must be a positive int, got {threads!r}"
+        )
+    return values
+
+
+def _frontend_convert(program: ExportedProgram) -> Any:
+    """The segment as an ov.Model whose Parameters are the segment's placeholders."""
+    from openvino._offline_transformations import (
+        apply_fused_names_cleanup,
+        apply_moc_transformations,
+    )
+    from openvino.frontend import FrontEndManager
+    from openvino.frontend.pytorch.fx_decoder import TorchFXPythonDecoder
+
+    types, shapes = [], []
+    for value in placeholder_values(program):
+        if isinstance(value, torch.Tensor):
+            types.append(str(value.dtype))
+            # Static dims stay static; a SymInt dim (a torch.export Dim) is dynamic.
+            shapes.append([d if isinstance(d, int) else -1 for d in value.shape])
+        else:  # a SymInt input: an int64 scalar
+            types.append("int")
+            shapes.append([])
+    frontend = FrontEndManager().load_by_framework("pytorch")
+    # The decoder must outlive convert(): the C++ side calls back into it.
+    decoder = TorchFXPythonDecoder(
+        program.graph_module, input_shapes=shapes, input_types=types, dynamic_shapes=False
+    )
+    model = frontend.convert(frontend.load(decoder))
+    apply_moc_transformations(model, cf=False, smart_reshape=True)
+    apply_fused_names_cleanup(model)  # leaves no per-layer rt_info
+    return model
+
+
+def _parameter_roles(program: ExportedProgram) -> dict[str, tuple[str, str | int]]:
+    roles: dict[str, tuple[str, str | int]] = {}
+    user = 0
+    for spec in program.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            roles[spec.arg.name] = ("input", user)
+            user += 1
+        else:  # weight_names() (via the caller) has refused every other kind
+            roles[spec.arg.name] = ("weight", spec.target)
+    return roles
+
+
+def convert_segment(program: ExportedProgram, compile_specs: Sequence[CompileSpec]) -> bytes:
+    """The segment as a weight-free payload (see the module docstring)."""
+    import openvino as ov
+
+    options(compile_specs)
+    weight_names(program)  # refuses input kinds nativert cannot lower
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = _frontend_convert(program)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()
+        raise DelegateCompileError(
+            f"OpenVINO's PyTorch frontend cannot convert the segment: {type(exc).__name__}: "
+            f"{_conversion_failure(str(exc)) or (first[0] if first else '')}"
+        ) from exc
+    _check_outputs(program, model)
+    roles = _parameter_roles(program)
+    parameters = []
+    for parameter in model.get_parameters():
+        name = parameter.get_friendly_name()
+        if name not in roles:
+            raise DelegateCompileError(
+                f"openvino: the converted model has an input {name!r} that is not a "
+                f"placeholder of the segment ({sorted(roles)})"
+            )
+        parameters.append((name, *roles[name]))
+    with tempfile.TemporaryDirectory(prefix="nativert-openvino-") as directory:
+        xml_path, bin_path = (os.path.join(directory, f"segment.{e}") for e in ("xml", "bin"))
+        # ov.serialize, not ov.save_model: save_model compresses float32 constants to
+        # float16 by default.
+        ov.serialize(model, xml_path, bin_path)
+        with open(xml_path, "rb") as f:
+            xml = f.read()
+        with open(bin_path, "rb") as f:
+            blob = f.read()
+    payload = pack(Payload(tuple(parameters), len(model.outputs), xml, blob))
+    try:  # what we compile must load from a package later, where it is checked
+        check_untrusted(payload)
+    except ValueError as exc:
+        raise DelegateCompileError(f"openvino: the converted IR would be refused: {exc}") from exc
+    return payload
+
+
+def _check_outputs(program: ExportedProgram, model: Any) -> None:
+    """The converted model returns what the segment returns: tensors of the same dtypes."""
+    outputs = list(program.graph.output_node().args[0])
+    if len(outputs) != len(model.outputs):
+        raise DelegateCompileError(
+            f"openvino: the converted model has {len(model.outputs)} outputs, the segment "
+            f"{len(outputs)}"
+        )
+    for i, (node, port) in enumerate(zip(outputs, model.outputs, strict=True)):
+        val = node.meta.get("val") if hasattr(node, "meta") else None
+        if not isinstance(val, torch.Tensor):
+            raise DelegateCompileError(
+                f"openvino: segment output {i} ({node}) is not a tensor; openvino segments "
+                "return tensors only"
+            )
+        got = to_torch_dtype(port.get_element_type())
+        if got != val.dtype or got not in DTYPES:
+            raise DelegateCompileError(
+                f"openvino: segment output {i} ({node.name}) is {val.dtype}, the converted "
+                f"model returns {port.get_element_type()}"
+            )
+
+
+def _conversion_failure(message: str) -> str | None:
+    """The lines of a frontend error that name the ops it could not convert."""
+    lines = [
+        line.strip()
+        for line in message.splitlines()
+        if "aten." in line or "not supported" in line.lower() or "no translator" in line.lower()
+    ]
+    return "; ".join(lines[:3]) or None

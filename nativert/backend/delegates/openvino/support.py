@@ -1,0 +1,300 @@
+"""Which core ATen ops the openvino delegate runs, and on which dtypes.
+
+Built empirically (torch 2.13, openvino 2026.4): the core ATen ops of the onnxruntime table
+plus a few more (pooling, upsampling, cumsum, argmin, max.dim, expm1, log1p), each
+converted alone by OpenVINO's PyTorch frontend, run on the CPU plugin and compared with
+eager, per dtype. tests/backend/delegates/test_openvino.py runs every op in the table on
+every dtype the table allows it and fails by name when one stops converting or matching.
+
+Left out, and why:
+- layer_norm, group_norm, softplus, elu, trunc, sub.Scalar: no converter (or it fails);
+  native_layer_norm and native_group_norm (what decomposition leaves) are in.
+- lstm.input: the converter rejects core ATen's form; native_dropout: wrong outputs;
+  topk: index order among ties differs from torch's; index.Tensor: only simple cases checked.
+- float64, float16, bfloat16: the CPU plugin computes them in float32 (f16/bf16 results
+  would also round differently from eager's per-op rounding).
+- int64 *data*: the CPU plugin narrows int64 to int32 (2**40 + 2**40 gives 0, even with
+  EXECUTION_MODE_HINT=ACCURACY), so int64 tensors are accepted only where their values are
+  bounded by a tensor size: indices read by embedding, index_select and gather (ARG_DTYPES,
+  which also lets attention masks be bool); indices returned by argmax, argmin, max.dim and
+  max_pool2d; arange, full and scalar_tensor with int32-sized literals.
+
+Known differences kept (NaN only): NaN does not propagate through maximum, minimum, amax,
+amin, relu and clamp as it does in torch, and logical_not(NaN) is True.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+
+import torch
+from torch.fx import Node
+
+from nativert.delegate.support import SupportTable
+
+aten = torch.ops.aten
+
+# Ops decomposition keeps whole for OpenVINO: its fused SDPA kernel (and MatMul on linear).
+PRESERVED = (
+    aten.linear.default,
+    aten.scaled_dot_product_attention.default,
+)
+
+FLOAT = frozenset({torch.float32})
+NUMERIC = frozenset({torch.float32, torch.int32})
+INTEGRAL = frozenset({torch.int32, torch.bool})
+ANY = frozenset({torch.float32, torch.int32, torch.bool})
+
+# op -> the dtypes its tensors may have (besides int64 where INT64_* allow it).
+DTYPES: dict[torch._ops.OpOverload, frozenset[torch.dtype]] = {
+    **dict.fromkeys(PRESERVED, FLOAT),
+    # elementwise, unary
+    **dict.fromkeys(
+        (
+            aten.exp.default,
+            aten.log.default,
+            aten.sqrt.default,
+            aten.rsqrt.default,
+            aten.reciprocal.default,
+            aten.sin.default,
+            aten.cos.default,
+            aten.tanh.default,
+            aten.sigmoid.default,
+            aten.gelu.default,
+            aten.erf.default,
+            aten.floor.default,
+            aten.ceil.default,
+            aten.clamp.default,
+            aten.leaky_relu.default,
+            aten.pow.Tensor_Tensor,
+            aten.hardtanh.default,
+            aten.expm1.default,
+            aten.log1p.default,
+            aten.div.Tensor_mode,  # floor-division of negative int32 differs
+        ),
+        FLOAT,
+    ),
+    **dict.fromkeys(
+        (
+            aten.abs.default,
+            aten.neg.default,
+            aten.sign.default,
+            aten.relu.default,
+            aten.pow.Tensor_Scalar,
+            aten.maximum.default,
+            aten.minimum.default,
+            aten.remainder.Scalar,
+        ),
+        NUMERIC,
+    ),
+    # elementwise, binary, comparisons, logic
+    **dict.fromkeys(
+        (
+            aten.add.Tensor,
+            aten.add.Scalar,
+            aten.sub.Tensor,
+            aten.mul.Tensor,
+            aten.mul.Scalar,
+            aten.div.Tensor,
+            aten.div.Scalar,
+        ),
+        NUMERIC,
+    ),
+    **dict.fromkeys(
+        (
+            aten.eq.Scalar,
+            aten.eq.Tensor,
+            aten.ne.Scalar,
+            aten.lt.Scalar,
+            aten.lt.Tensor,
+            aten.le.Scalar,
+            aten.gt.Scalar,
+            aten.gt.Tensor,
+            aten.ge.Scalar,
+            aten.logical_not.default,
+            aten.logical_and.default,
+            aten.logical_or.default,
+            aten.where.self,
+        ),
+        ANY,
+    ),
+    **dict.fromkeys(
+        (aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.bitwise_not.default), INTEGRAL
+    ),
+    # linear algebra and convolution
+    aten.mm.default: NUMERIC,
+    aten.bmm.default: FLOAT,
+    aten.addmm.default: FLOAT,
+    aten.convolution.default: FLOAT,
+    # reductions
+    aten.sum.dim_IntList: FLOAT,
+    aten.mean.dim: FLOAT,
+    aten.amax.default: NUMERIC,
+    aten.amin.default: NUMERIC,
+    aten.argmax.default: NUMERIC,
+    aten.argmin.default: NUMERIC,
+    aten.max.dim: FLOAT,
+    aten.any.dim: ANY,
+    aten.var.correction: FLOAT,
+    aten.cumsum.default: FLOAT,
+    # normalization and softmax
+    aten.native_layer_norm.default: FLOAT,
+    aten._native_batch_norm_legit_no_training.default: FLOAT,
+    aten.native_group_norm.default: FLOAT,
+    aten._softmax.default: FLOAT,
+    aten._log_softmax.default: FLOAT,
+    # pooling and resizing
+    aten.avg_pool2d.default: FLOAT,
+    aten.max_pool2d_with_indices.default: FLOAT,
+    aten._adaptive_avg_pool2d.default: FLOAT,
+    aten.upsample_nearest2d.vec: FLOAT,
+    aten.upsample_bilinear2d.vec: FLOAT,
+    # views, shapes, copies
+    **dict.fromkeys(
+        (
+            aten.view.default,
+            aten.permute.default,
+            aten.expand.default,
+            aten.slice.Tensor,
+            aten.select.int,
+            aten.unsqueeze.default,
+            aten.squeeze.dims,
+            aten.cat.default,
+            aten.split_with_sizes.default,
+            aten.clone.default,
+            aten.alias.default,
+            aten.constant_pad_nd.default,
+            aten._to_copy.default,
+        ),
+        ANY,
+    ),
+    # creation and indexing
+    aten.full.default: ANY,
+    aten.full_like.default: ANY,
+    aten.scalar_tensor.default: ANY,
+    aten.arange.start_step: NUMERIC,
+    aten.embedding.default: FLOAT,
+    aten.index_select.default: ANY,
+    aten.gather.default: ANY,
+}
+
+INDICES = frozenset({torch.int32, torch.int64})
+# Arguments that may have other dtypes than the op's data (op -> position or keyword -> dtypes):
+# indices, which may be int64 (their values are bounded by a size), and attention masks.
+ARG_DTYPES: dict[torch._ops.OpOverload, dict[int | str, frozenset[torch.dtype]]] = {
+    aten.embedding.default: {1: INDICES, "indices": INDICES},
+    aten.index_select.default: {2: INDICES, "index": INDICES},
+    aten.gather.default: {2: INDICES, "index": INDICES},
+    aten.scaled_dot_product_attention.default: {
+        3: frozenset({torch.float32, torch.bool}),
+        "attn_mask": frozenset({torch.float32, torch.bool}),
+    },
+}
+# Ops whose int64 outputs are indices into (or sizes of) a tensor.
+INT64_INDEX_OUTPUTS = frozenset(
+    {
+        aten.argmax.default,
+        aten.argmin.default,
+        aten.max.dim,
+        aten.max_pool2d_with_indices.default,
+    }
+)
+# Creation ops that may make int64 tensors from int32-sized literals.
+INT64_CREATION = frozenset({aten.arange.start_step, aten.full.default, aten.scalar_tensor.default})
+_INT32 = 2**31
+
+
+def _inputs(node: Node) -> Iterator[tuple[int | str, torch.Tensor]]:
+    """(argument position or keyword, fake value) of every tensor the node reads."""
+    for key, arg in [*enumerate(node.args), *node.kwargs.items()]:
+        for item in arg if isinstance(arg, (list, tuple)) else (arg,):
+            value = item.meta.get("val") if isinstance(item, Node) else None
+            if isinstance(value, torch.Tensor):
+                yield key, value
+
+
+def _outputs(node: Node) -> list[torch.Tensor]:
+    value = node.meta.get("val")
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
+def _small_literals(node: Node) -> bool:
+    literals = [*node.args, *node.kwargs.values()]
+    flat = [x for a in literals for x in (a if isinstance(a, (list, tuple)) else (a,))]
+    numbers = [x for x in flat if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    return all(-_INT32 <= x < _INT32 for x in numbers)
+
+
+def check_dtypes(node: Node) -> str | None:
+    """Every tensor the node reads or writes has a dtype the op runs on in OpenVINO, and
+    int64 only where its values are bounded by a size (see the module docstring)."""
+    allowed = DTYPES[node.target]
+    by_arg = ARG_DTYPES.get(node.target, {})
+    for key, value in _inputs(node):
+        dtypes = by_arg.get(key, allowed)
+        if value.dtype not in dtypes:
+            return _dtype_reason(value.dtype, dtypes)
+    for value in _outputs(node):
+        if value.dtype == torch.int64 and (
+            node.target in INT64_INDEX_OUTPUTS
+            or (node.target in INT64_CREATION and _small_literals(node))
+        ):
+            continue
+        if value.dtype not in allowed:
+            return _dtype_reason(value.dtype, allowed)
+    return None
+
+
+def _dtype_reason(dtype: torch.dtype, allowed: frozenset[torch.dtype]) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if dtype == torch.int64:
+        return (
+            "int64 values (OpenVINO's CPU plugin computes int64 as int32; only indices may "
+            "be int64)"
+        )
+    return f"dtype {name} not supported (runs on {sorted(str(d)[6:] for d in allowed)})"
+
+
+def _first_output_only(node: Node) -> str | None:
+    """Only output 0 is read: OpenVINO converts the normalized value, not the statistics."""
+    for user in node.users:
+        if user.target is not operator.getitem or user.args[1] != 0:
+            return "its saved statistics (outputs 1, 2) are read; OpenVINO returns only output 0"
+    return None
+
+
+def _sdpa(node: Node) -> str | None:
+    args = dict(zip(("attn_mask", "dropout_p", "is_causal"), node.args[3:], strict=False))
+    args.update(node.kwargs)
+    if args.get("dropout_p", 0.0):
+        return "attention dropout (training) is not supported"
+    if args.get("enable_gqa", False):
+        return "grouped-query attention (enable_gqa) does not convert"
+    return None
+
+
+def _avg_pool(node: Node) -> str | None:
+    divisor = node.args[6] if len(node.args) > 6 else node.kwargs.get("divisor_override")
+    return "divisor_override does not convert" if divisor is not None else None
+
+
+def _var(node: Node) -> str | None:
+    if node.kwargs.get("correction") is None:
+        return "var without an explicit correction (OpenVINO computes the biased variance)"
+    return None
+
+
+CHECKS = {
+    aten.native_layer_norm.default: _first_output_only,
+    aten.native_group_norm.default: _first_output_only,
+    aten._native_batch_norm_legit_no_training.default: _first_output_only,
+    aten.scaled_dot_product_attention.default: _sdpa,
+    aten.avg_pool2d.default: _avg_pool,
+    aten.var.correction: _var,
+}
+
+
+def build_table() -> SupportTable:
+    return SupportTable({op: CHECKS.get(op) for op in DTYPES}, every_op=check_dtypes)
