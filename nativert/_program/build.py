@@ -87,7 +87,7 @@ def rebuild_program(
     remember_input_names(gm)  # the new signature uses the current names
     state_dict, constants = _weights(program, input_specs, new_weights or {})
     output_specs, renamed_outputs = _output_specs(program, gm, renamed_inputs)
-    return ExportedProgram(
+    rebuilt = ExportedProgram(
         root=gm,
         graph=gm.graph,
         graph_signature=ExportGraphSignature(input_specs, output_specs),
@@ -98,6 +98,12 @@ def rebuild_program(
         constants=constants,
         verifiers=program.verifiers,
     )
+    # A rewrite keeps the program's input contract. ExportedProgram reads its input guards
+    # off the fake tensors' shared ShapeEnv, where compiling a segment (tracing it again)
+    # may have added guards of its own (e.g. `batch < 16`): `.module()` would then reject
+    # valid inputs. Keep the guards the program had.
+    rebuilt._guards_code = list(program._guards_code)
+    return rebuilt
 
 
 def _input_specs(

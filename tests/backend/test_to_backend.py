@@ -99,6 +99,20 @@ def test_dynamic_batch():
             assert_close(runnable(x), model(x), what=f"batch {batch}")
 
 
+def test_dynamic_batch_conv_net_module_takes_every_batch_the_export_allowed():
+    """Compiling a segment traces it again on the shared ShapeEnv, which once left a
+    `batch < 16` guard that `.module()` enforced; the program keeps its own guards."""
+    model, inputs = make("convnet")
+    program = torch.export.export(model, inputs, dynamic_shapes=({0: Dim("batch")},))
+    delegated = nativert.to_backend(program)
+    assert delegated._guards_code == program._guards_code
+    runnable = delegated.module()
+    for batch in (2, 16, 33):
+        x = torch.randn(batch, *inputs[0].shape[1:])
+        with torch.no_grad():
+            assert_close(runnable(x), model(x), atol=1e-5, rtol=1e-4, what=f"batch {batch}")
+
+
 def test_unsupported_op_splits_into_two_partitions(registered):
     registered(NoSinDelegate())
     model, inputs = make("split_by_sin")
