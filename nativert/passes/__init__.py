@@ -2,7 +2,11 @@
 (`pipelines.py`), run by the pass manager (`manager.py`)."""
 
 from nativert.passes.canonicalize_views import canonicalize_views
-from nativert.passes.decompose_to_core_aten import decompose_to_core_aten, decomposition_table
+from nativert.passes.decompose_to_core_aten import (
+    decompose_to_core_aten,
+    decomposition_table,
+    keeping_composite_ops_whole,
+)
 from nativert.passes.derived_weights import DerivedWeight, derived_weights, refold_weights
 from nativert.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from nativert.passes.eliminate_dead_code import eliminate_dead_code
@@ -44,6 +48,7 @@ __all__ = [
     "eliminate_dead_code",
     "fold_constants",
     "fuse_conv_batchnorm",
+    "keeping_composite_ops_whole",
     "pass_name",
     "pin_output_views_of_inputs",
     "refold_weights",

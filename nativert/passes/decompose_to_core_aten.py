@@ -10,14 +10,17 @@ verifies, computes the same values, and every op in `preserve` that was in the g
 a single node instead of being decomposed.
 
 The torch.compile path decomposes while aot_autograd traces, with `decomposition_table`:
-the same core ATen table minus the same preserved ops (composite-implicit ops such as
-linear decompose while aot_autograd traces whatever the table says).
+the same core ATen table minus the same preserved ops. Composite-implicit ops (linear,
+layer_norm, scaled_dot_product_attention) decompose while aot_autograd traces whatever the
+table says; for inference graphs `keeping_composite_ops_whole` keeps the preserved ones whole
+as well, as `run_decompositions` does, so both paths hand the partitioner the same ops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch.export import ExportedProgram
@@ -51,9 +54,7 @@ _DECOMPOSED_FOR_TRAINING = (torch.ops.aten.native_layer_norm.default,)
 
 
 @functools.cache
-def decomposition_table(
-    preserve: frozenset[torch._ops.OpOverload], *, training: bool
-) -> dict:
+def decomposition_table(preserve: frozenset[torch._ops.OpOverload], *, training: bool) -> dict:
     """aot_autograd's decompositions: core ATen minus `preserve`, with the training fixes."""
     from torch._decomp import core_aten_decompositions, get_decompositions
 
@@ -65,3 +66,26 @@ def decomposition_table(
             table.pop(op, None)
         table.update(get_decompositions(_DECOMPOSED_FOR_TRAINING))
     return table
+
+
+@contextlib.contextmanager
+def keeping_composite_ops_whole(preserve: Iterable[torch._ops.OpOverload]) -> Iterator[None]:
+    """While active, tracing (aot_autograd, make_fx) keeps the composite-implicit ops of
+    `preserve` as single nodes instead of running their decompositions.
+
+    Inference only: such an op has no autograd formula of its own (the override makes its
+    autograd kernel raise when a backward is built). It patches the ops' Python kernels
+    globally, so end it before anything else traces (torch.onnx's exporter runs
+    `run_decompositions`, which patches them too). This is what `run_decompositions` does
+    for the ops it preserves, with torch's private helpers: the torch.compile tests
+    (tests/backend/compile/test_backend.py) fail loudly if torch moves them.
+    """
+    from torch._export.utils import _is_preservable_cia_op, _special_op_to_preserve_cia
+    from torch.export.exported_program import _override_composite_implicit_decomp
+
+    ops = {op: _special_op_to_preserve_cia for op in preserve if _is_preservable_cia_op(op)}
+    if not ops:
+        yield
+        return
+    with _override_composite_implicit_decomp(ops):
+        yield

@@ -4,10 +4,19 @@ Dynamo hands the backend one FX graph per traced region (a graph break makes sev
 aot_autograd turns each into functional core ATen with parameters lifted to inputs: one
 *forward* and one *backward* graph when something requires grad, one *inference* graph
 otherwise. aot_autograd decomposes with `nativert.passes.decomposition_table`, keeping whole
-the ops the chosen delegates preserve. Each graph then goes through the one pipeline
-(`backend/pipeline.py`: passes, partition, lower, with the on-disk payload cache) and runs on
-an Executor. aot_autograd keeps the autograd bookkeeping (saved activations, input mutations
-such as batch-norm running stats), so training works with both graphs delegated.
+the ops the chosen delegates preserve (in inference graphs the composite ones too, such as
+linear and scaled_dot_product_attention: `keeping_composite_ops_whole`), so an inference
+graph reaches the partitioner as `to_backend` would hand it over. Each graph then goes
+through the one pipeline (`backend/pipeline.py`: passes, partition, lower, with the on-disk
+payload cache) and runs on an Executor. aot_autograd keeps the autograd bookkeeping (saved
+activations, input mutations such as batch-norm running stats), so training works with both
+graphs delegated.
+
+Per call, an inference graph costs Dynamo's frame and guards (what every backend pays, from
+~15 us for a small module to ~80 us for a transformers encoder, more with cold caches), a
+check that the module's weights are still the ones the delegates own, and the Executor.
+aot_autograd's runtime wrappers are skipped where they would do nothing
+(`aot.wrappers_pass_through`); benchmarks/compile_backend.py measures all of it.
 
 Settings come from `torch.compile(..., options={...})` (`nativert.Settings` fields). What
 each compile did (regions, fallbacks, cache hits, time) is in `last_compile_report()`.
@@ -15,22 +24,25 @@ each compile did (regions, fallbacks, cache hits, time) is in `last_compile_repo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import operator
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch.fx import GraphModule
 
+from nativert.backend.autotune import candidate_settings
 from nativert.backend.compile.aot import (
     module_weights,
     needs_grad,
     program_from_aten,
     unmutated_weights,
+    wrappers_pass_through,
 )
-from nativert.backend.autotune import candidate_settings
 from nativert.backend.compile.report import CompileReport, GraphCompile, new_report
 from nativert.errors import DelegateCompileError, NativertError
 from nativert.partitioner.capability import CapabilityPartitioner
@@ -56,7 +68,7 @@ def nativert_backend(
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-    from nativert.passes import decomposition_table
+    from nativert.passes import decomposition_table, keeping_composite_ops_whole
 
     settings = Settings.from_options(options)
     # Autotune partitions with every available delegate as a candidate (autotune.py).
@@ -65,23 +77,35 @@ def nativert_backend(
     )
     report = new_report(settings)
     weights = module_weights(gm, example_inputs)
-    compilers = {
-        f"{kind}_compiler": functools.partial(
-            _compile_aten,
-            kind=kind,
-            settings=settings,
-            partitioner=partitioner,
-            report=report,
-            weights=weights if kind == "inference" else {},
-        )
-        for kind in ("fw", "bw", "inference")
-    }
     preserve = frozenset(partitioner.ops_to_preserve())
-    return aot_autograd(
-        **compilers,
-        partition_fn=min_cut_rematerialization_partition,
-        decompositions=decomposition_table(preserve, training=needs_grad(example_inputs)),
-    )(gm, example_inputs)
+    training = needs_grad(example_inputs)
+    direct: dict[str, Callable[..., Any]] = {}
+    with contextlib.ExitStack() as tracing:
+        if not training:
+            # linear, layer_norm, SDPA stay whole, as to_backend keeps them (decomposed,
+            # attention alone ran 2x slower in ONNX Runtime). Ended before lowering.
+            tracing.enter_context(keeping_composite_ops_whole(preserve))
+        compilers = {
+            f"{kind}_compiler": functools.partial(
+                _compile_aten,
+                kind=kind,
+                settings=settings,
+                partitioner=partitioner,
+                report=report,
+                weights=weights if kind == "inference" else {},
+                traced=tracing.close,
+                direct=direct if kind == "inference" else None,
+                dynamo_inputs=example_inputs,
+            )
+            for kind in ("fw", "bw", "inference")
+        }
+        compiled = aot_autograd(
+            **compilers,
+            partition_fn=min_cut_rematerialization_partition,
+            decompositions=decomposition_table(preserve, training=training),
+        )(gm, example_inputs)
+    # An inference graph whose aot_autograd wrappers would do nothing is called directly.
+    return direct.get("call", compiled)
 
 
 def _compile_aten(
@@ -93,8 +117,14 @@ def _compile_aten(
     partitioner: CapabilityPartitioner,
     report: CompileReport,
     weights: Mapping[int, tuple[str, torch.Tensor]],
+    traced: Callable[[], None],
+    direct: dict[str, Callable[..., Any]] | None,
+    dynamo_inputs: Sequence[Any],
 ) -> Any:
     """aot_autograd's compiler: one functional ATen graph -> a boxed callable.
+
+    For an inference graph it also puts into `direct["call"]` a callable that Dynamo may
+    call instead of aot_autograd's wrappers, when those would pass everything through.
 
     `weights`: Dynamo input index -> (name, tensor) for module parameters and buffers. In an
     inference graph they become the program's weights, so delegates own them (ONNX Runtime
@@ -108,6 +138,7 @@ def _compile_aten(
     from nativert.partitioner.report import delegation_report
     from nativert.passes import COMPILE_AFTER_LOWERING, COMPILE_PIPELINE
 
+    traced()  # tracing is over: end what only tracing needed
     weights = unmutated_weights(weights, len(example_inputs))
     program, template, order = program_from_aten(gm, example_inputs, weights)
 
@@ -139,7 +170,29 @@ def _compile_aten(
             cache_misses=result.cache_misses,
         )
     )
-    return _boxed(_runner(executor, order, weights), template)
+    run = _runner(executor, order, weights)
+    if direct is not None and wrappers_pass_through(example_inputs, dynamo_inputs):
+        from torch._dynamo import disable
+
+        # Like aot_autograd's own result, run without Dynamo: it must not trace our frames.
+        direct["call"] = disable(_unboxed(run, template), reason="nativert compiled graph")
+    return _boxed(run, template)
+
+
+def _unboxed(run: Any, template: list | None) -> Any:
+    """Dynamo's calling convention: the args themselves."""
+    if template is None:
+
+        def compiled(*args: Any) -> Any:
+            return run(args)
+
+    else:
+
+        def compiled(*args: Any) -> Any:
+            outputs = iter(run(args))
+            return [next(outputs) if slot is None else slot[0] for slot in template]
+
+    return compiled
 
 
 def _boxed(run: Any, template: list | None) -> Any:
@@ -162,37 +215,66 @@ def _boxed(run: Any, template: list | None) -> Any:
     return compiled
 
 
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors keep no version counter
-        return -1
+_VERSION = operator.attrgetter("_version")
+
+
+def _version_sum(tensors: Sequence[torch.Tensor]) -> int | None:
+    """Sum of the tensors' version counters (each only grows, so for the same tensors an
+    equal sum means no in-place change); None if one is an inference tensor (no counter)."""
+    if any(t.is_inference() for t in tensors):
+        return None
+    return sum(map(_VERSION, tensors))
+
+
+def _picker(indices: Sequence[int]) -> Callable[[list], Sequence[Any]]:
+    """args -> the args at `indices` (sorted), in C: a slice when they are a range."""
+    if not indices:
+        return operator.itemgetter(slice(0, 0))
+    first, last = indices[0], indices[-1]
+    if list(indices) == list(range(first, last + 1)):
+        return operator.itemgetter(slice(first, last + 1))
+    return operator.itemgetter(*indices)  # two or more, so it returns a tuple
 
 
 def _runner(executor: Any, order: list[int], weights: Mapping[int, tuple[str, torch.Tensor]]):
-    """args -> outputs: user inputs to the Executor, weights checked against its own."""
+    """args -> outputs: user inputs to the Executor, weights checked against its own.
+
+    The check is the per-call price of letting delegates own the weights: the module's
+    parameters arrive as arguments, and a call with other tensors (a parameter replaced) or
+    after an in-place change (optimizer step, load_state_dict) restages the delegates first.
+    It runs in C: identity by `map(is_not)`, in-place changes by the sum of version counters.
+    """
     run_flat = executor.run_flat
     if not weights:
         return run_flat
-    user = [i for i in order if i not in weights]
-    names = [weights[i][0] for i in sorted(weights)]
+    users = _picker([i for i in order if i not in weights])
     positions = sorted(weights)
-    bound = [(weights[i][1], _version(weights[i][1])) for i in positions]
+    names = [weights[i][0] for i in positions]
+    weights_of = _picker(positions)
+    initial = tuple(weights[i][1] for i in positions)
+    bound = (initial, _version_sum(initial))
     lock = threading.Lock()
 
-    def run(args: list) -> Any:
-        for (tensor, version), i in zip(bound, positions, strict=True):
-            given = args[i]
-            if given is not tensor or _version(given) != version:
-                restage(args)
-                break
-        return run_flat([args[i] for i in user])
+    def stale(current: Sequence[torch.Tensor]) -> bool:
+        tensors, versions = bound
+        return any(map(operator.is_not, current, tensors)) or (
+            versions is not None and sum(map(_VERSION, current)) != versions
+        )
 
-    def restage(args: list) -> None:
-        # The module's weights were replaced or changed in place since the last call.
+    def run(args: list) -> Any:
+        current = weights_of(args)
+        tensors, versions = bound  # the check of stale(), inline: it runs on every call
+        if any(map(operator.is_not, current, tensors)) or (
+            versions is not None and sum(map(_VERSION, current)) != versions
+        ):
+            restage(current)
+        return run_flat(users(args))
+
+    def restage(current: Sequence[torch.Tensor]) -> None:
+        nonlocal bound
         with lock:
-            current = [args[i] for i in positions]
-            executor.update_weights(dict(zip(names, current, strict=True)), strict=False)
-            bound[:] = [(t, _version(t)) for t in current]
+            if stale(current):  # not restaged meanwhile by another thread
+                executor.update_weights(dict(zip(names, current, strict=True)), strict=False)
+                bound = (tuple(current), _version_sum(current))
 
     return run

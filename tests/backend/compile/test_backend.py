@@ -17,7 +17,9 @@ from torch import nn
 
 import nativert
 from nativert import compile_reports, last_compile_report
+from nativert.backend.compile import nativert_backend
 from nativert.backend.delegates.onnxruntime import OnnxRuntimeDelegate
+from nativert.partitioner.report import delegation_report
 from tests.conftest import assert_close
 from tests.models import TrainBN, make
 
@@ -104,6 +106,110 @@ def test_inference_delegates_own_the_weights_and_follow_their_changes():
         model.load_state_dict(state)
         assert_close(compiled(*inputs), model(*inputs), what="after load_state_dict")
         model.head.weight = nn.Parameter(torch.randn_like(model.head.weight))  # replaced
+        assert_close(compiled(*inputs), model(*inputs), what="after replacing a parameter")
+
+
+def _ops(program) -> set[str]:
+    return set(delegation_report(program).ops)
+
+
+def test_inference_keeps_whole_the_ops_to_backend_keeps_whole():
+    """aot_autograd decomposes linear, layer_norm and SDPA while it traces; the inference
+    graph must reach the partitioner as to_backend's does (decomposed attention ran 2x slower)."""
+    model, inputs = make("transformer")
+    with torch.no_grad():
+        assert_close(compile_nativert(model)(*inputs), model(*inputs), atol=1e-5, rtol=1e-4)
+    (graph,) = last_compile_report().graphs
+    ours = _ops(graph.program)
+    assert {
+        "aten.linear.default",
+        "aten.layer_norm.default",
+        "aten.scaled_dot_product_attention.default",
+    } <= ours, ours
+    assert not ours & {"aten.bmm.default", "aten._softmax.default", "aten.addmm.default"}, ours
+    assert ours == _ops(nativert.to_backend(torch.export.export(model, inputs)))
+
+
+def test_compiling_leaves_torch_ops_unpatched():
+    linear = torch.ops.aten.linear.default
+    before = dict(linear.py_kernels)
+    model, inputs = make("mlp")
+    with torch.no_grad():
+        compile_nativert(model)(*inputs)
+    assert linear.py_kernels == before
+    decomposed = torch.export.export(model, inputs).run_decompositions()
+    targets = {str(n.target) for n in decomposed.graph.nodes}
+    assert "aten.linear.default" not in targets and "aten.addmm.default" in targets
+
+
+def test_training_still_decomposes_preserved_ops():
+    model, (x,) = make("mlp")
+    compile_nativert(model.train())(x.requires_grad_()).sum().backward()
+    forward = {g.kind: g for g in last_compile_report().graphs}["forward"]
+    assert "aten.linear.default" not in _ops(forward.program)  # no autograd formula of its own
+
+
+def test_rnn_stays_one_delegated_op_when_dynamo_traces_it():
+    model, inputs = make("lstm")
+    with torch._dynamo.config.patch(allow_rnn=True), torch.no_grad():
+        assert_close(compile_nativert(model)(*inputs), model(*inputs), atol=1e-5, rtol=1e-4)
+    (graph,) = last_compile_report().graphs
+    assert graph.report.ops["aten.lstm.input"] == {"onnxruntime": 1}, str(graph.report)
+
+
+class _Returned:
+    """A Dynamo backend around nativert's that keeps what nativert returned."""
+
+    def __init__(self) -> None:
+        self.compiled = []
+
+    def __call__(self, gm, example_inputs):
+        compiled = nativert_backend(gm, example_inputs)
+        self.compiled.append(compiled)
+        return compiled
+
+    def direct(self) -> bool:
+        """Whether the last graph is called directly, not through aot_autograd's wrappers."""
+        compiled = self.compiled[-1]
+        return "_unboxed" in getattr(compiled, "__wrapped__", compiled).__qualname__
+
+
+def test_plain_inference_graphs_skip_aot_autograds_wrappers():
+    model, inputs = make("mlp")
+    backend = _Returned()
+    with torch.no_grad():
+        assert_close(torch.compile(model, backend=backend)(*inputs), model(*inputs))
+    assert backend.direct()
+
+
+def test_inference_that_mutates_a_buffer_keeps_the_wrappers_and_the_mutation():
+    model, inputs = make("counter")
+    reference = copy.deepcopy(model)
+    backend = _Returned()
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        for step in range(3):
+            assert_close(compiled(*inputs), reference(*inputs), what=f"call {step}")
+    assert_close(model.steps, reference.steps, what="the buffer after 3 calls")
+    assert not backend.direct()
+
+
+def test_inference_with_grad_mode_on_keeps_the_wrappers():
+    model, inputs = make("mlp")
+    model.requires_grad_(False)  # inference graph, though grad mode is on
+    backend = _Returned()
+    out = torch.compile(model, backend=backend)(*inputs)
+    assert_close(out, model(*inputs))
+    assert [g.kind for g in last_compile_report().graphs] == ["inference"]
+    assert not out.requires_grad and not backend.direct()
+
+
+def test_weights_created_in_inference_mode_are_used():
+    with torch.inference_mode():
+        model, inputs = make("mlp")
+        compiled = compile_nativert(model)
+        assert_close(compiled(*inputs), model(*inputs))
+        model.fc1.weight = nn.Parameter(torch.randn_like(model.fc1.weight), requires_grad=False)
         assert_close(compiled(*inputs), model(*inputs), what="after replacing a parameter")
 
 
@@ -260,7 +366,8 @@ def test_a_partition_that_fails_to_compile_falls_back_and_is_reported(registered
     assert "cannot translate node 'shift'" in fallback
     (graph,) = report.graphs
     assert [r.backend_id for r in graph.report.regions] == ["greedy_ort"]  # b still delegated
-    assert any("kept in PyTorch" in reason for reason in graph.report.reasons["aten.addmm.default"])
+    reasons = graph.report.reasons["aten.linear.default"]
+    assert any("kept in PyTorch" in reason for reason in reasons)
 
 
 def test_strict_raises_with_the_reason(registered):
