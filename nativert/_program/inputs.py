@@ -79,6 +79,12 @@ class InputSpecs:
         ]
         simple = pytree.tree_flatten((tuple(range(len(specs))), {}))[1]
         self._positional = self.in_spec == simple
+        # The hot path: positional tensors of fully static shapes, checked in one loop.
+        self._static = (
+            tuple(self._fast)
+            if self._positional and all(f is not None and f[1] is not None for f in self._fast)
+            else None
+        )
         signature = program.module_call_graph[0].signature
         self._arg_names = list(getattr(signature, "forward_arg_names", None) or [])
 
@@ -93,7 +99,21 @@ class InputSpecs:
         ordered.update({k: v for k, v in rest.items() if k not in ordered})
         return args, ordered
 
-    def flatten(self, args: tuple, kwargs: dict) -> list[Any]:
+    def flatten(self, args: tuple, kwargs: dict) -> Sequence[Any]:
+        """The flat inputs in placeholder order, checked (cheaply when they match what was
+        exported exactly; otherwise by `check`, which names what does not fit)."""
+        static = self._static
+        if static is not None and not kwargs and len(args) == len(static):
+            for value, (dtype, shape, cpu) in zip(args, static, strict=True):
+                if not (
+                    isinstance(value, torch.Tensor)
+                    and value.dtype is dtype
+                    and value.shape == shape
+                    and value.is_cpu is cpu
+                ):
+                    self.check(list(args))  # something is wrong: say what
+                    break
+            return args
         if self._positional and not kwargs and len(args) == len(self.values):
             flat = list(args)
         else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import queue
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -39,24 +40,22 @@ from nativert.lowered import LoweredBackendModule
 
 @dataclasses.dataclass(frozen=True)
 class _Generation:
-    weights: tuple[torch.Tensor, ...]  # every weight placeholder's tensor, in order
+    weights: tuple[torch.Tensor, ...]  # every weight's tensor, in signature order
     states: tuple[Any, ...]  # each delegate's committed state, in delegate order
+    graph_weights: tuple[torch.Tensor, ...]  # those the prepared graph still reads
 
 
 class _DelegateRunner:
     """Stands in for one call_delegate node: runs this Executor's own delegate executor on
     the call's snapshot. `sources` maps each of the segment's weights to the program weight
-    the graph passes for it."""
+    the call_delegate node passed for it (the runner is called with the inputs alone)."""
 
-    def __init__(
-        self, index: int, lowered: LoweredBackendModule, sources: tuple[str, ...]
-    ) -> None:
+    def __init__(self, index: int, lowered: LoweredBackendModule, sources: tuple[str, ...]) -> None:
         self.index = index
         self.lowered = lowered
         self.names = lowered.weight_names
         self.sources = sources
         self.executor = lowered.load_executor()  # its own: not shared with .module() or others
-        self.skip = len(self.names)  # owned weights live in the executor
         self.__name__ = f"delegate_{lowered.module_name}"  # FX codegen names the call by it
 
     def stage(self, weights: Mapping[str, torch.Tensor]) -> None:
@@ -64,8 +63,9 @@ class _DelegateRunner:
             {name: weights[source] for name, source in zip(self.names, self.sources, strict=True)}
         )
 
-    def __call__(self, states: tuple, *args: Any) -> tuple[torch.Tensor, ...]:
-        return self.executor.run_with(states[self.index], args[self.skip :])
+    def __call__(self, states: tuple, *inputs: Any) -> tuple[torch.Tensor, ...]:
+        # The graph passes only the segment's inputs: its weights live in the executor.
+        return self.executor.run_with(states[self.index], inputs)
 
 
 class Executor:
@@ -75,8 +75,10 @@ class Executor:
     same outputs. `num_frames` bounds how many calls run at once (default: 2 x CPU count);
     callers beyond it wait until one finishes. A call's state is its own stack frame plus what
     each delegate executor keeps per thread (ONNX Runtime: one IOBinding per thread and input
-    signature), so there is no pool of preallocated frames: `num_frames` is a bound, and
-    `peak_concurrency` says how many calls ran at once at most.
+    signature, with the output buffers it has bound), so there is no pool of preallocated
+    frames: `num_frames` is a bound, and `peak_concurrency` says how many calls ran at once at
+    most. Outputs are the caller's own: a delegate reuses an output's memory only after every
+    tensor that could see it is gone.
     """
 
     def __init__(self, program: ExportedProgram, *, num_frames: int | None = None) -> None:
@@ -91,7 +93,8 @@ class Executor:
                 f"Executor cannot run inputs of kind {others[0].kind.name} ({others[0].arg.name})"
             )
         self._inputs = InputSpecs(program)
-        self._gm, self._runners = self._prepare(program)
+        self._gm, self._runners, read = self._prepare(program)
+        self._graph_weights = tuple(self._weight_names.index(name) for name in read)
         self._out_spec = program.call_spec.out_spec
         outputs = sig.output_specs
         names = list(self._weight_names)
@@ -118,27 +121,41 @@ class Executor:
         for runner in self._runners:
             runner.stage(weights)
             runner.executor.commit_weights()
-        self._gen = _Generation(
-            tuple(weights[n] for n in self._weight_names),
-            tuple(r.executor.active_state() for r in self._runners),
-        )
+        self._gen = self._generation(weights)
         # Required in a strict update: what the program's state_dict holds (parameters and
         # persistent buffers); constants and non-persistent buffers may be given or not.
         self._required = frozenset(program.state_dict)
         # The generated code itself: nn.Module.__call__ adds hook handling we do not need.
         self._forward = self._gm.forward
         self._pack = self._make_pack()
+        self._mutates = bool(self._buffer_mutations or self._input_mutations)
         self._update_lock = threading.Lock()
         if num_frames is not None and num_frames < 1:
             raise NativertError(f"num_frames must be >= 1, got {num_frames}")
         self._max_frames = num_frames or 2 * (os.cpu_count() or 1)
-        self._frames = threading.BoundedSemaphore(self._max_frames)
-        self._frames_lock = threading.Lock()
-        self._busy = 0
+        # One token per frame: a C queue, where threading.Semaphore is Python code under a
+        # Condition (0.1 us a call against 1.1 us). A call takes a token or waits for one.
+        self._frames: queue.SimpleQueue[None] = queue.SimpleQueue()
+        for _ in range(self._max_frames):
+            self._frames.put(None)
+        self._peak_lock = threading.Lock()
         self._peak = 0
 
+    def _generation(self, weights: Mapping[str, torch.Tensor]) -> _Generation:
+        """The weights and every delegate's active state, as one snapshot."""
+        ordered = tuple(weights[n] for n in self._weight_names)
+        return _Generation(
+            ordered,
+            tuple(r.executor.active_state() for r in self._runners),
+            tuple(ordered[i] for i in self._graph_weights),
+        )
+
     # -- preparation -----------------------------------------------------------------------
-    def _prepare(self, program: ExportedProgram) -> tuple[GraphModule, list[_DelegateRunner]]:
+    def _prepare(
+        self, program: ExportedProgram
+    ) -> tuple[GraphModule, list[_DelegateRunner], list[str]]:
+        """The graph with direct delegate calls, its runners, and the weights it still reads
+        (its weight placeholders, in order: those only delegates read are gone)."""
         gm = copy.deepcopy(program.graph_module)
         graph = gm.graph
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -162,13 +179,22 @@ class Executor:
             runner = _DelegateRunner(len(runners), lowered, tuple(targets[a.name] for a in passed))
             runners.append(runner)
             with graph.inserting_before(node):
-                direct = graph.call_function(runner, (states, *node.args[1:]))
+                # The segment's weights live in its executor: pass only its inputs.
+                inputs = node.args[1 + lowered.num_weights :]
+                direct = graph.call_function(runner, (states, *inputs))
             direct.meta = dict(node.meta)
             node.replace_all_uses_with(direct)
             graph.erase_node(node)
         graph.eliminate_dead_code()  # the get_attr nodes of the lowered modules
+        read = []
+        for node in placeholders:
+            if node.name in targets:
+                if node.users:
+                    read.append(targets[node.name])
+                else:  # read by delegates only: one argument less to pass per call
+                    graph.erase_node(node)
         gm.recompile()
-        return gm, runners
+        return gm, runners, read
 
     # -- running ---------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -178,18 +204,17 @@ class Executor:
         """Run on the flat user inputs, in placeholder order, without checking them (callers
         that guard inputs themselves, like torch.compile); return every graph output."""
         gen = self._gen  # one snapshot for the whole call
-        self._frames.acquire()
+        frames = self._frames
+        frames.get()
         try:
-            with self._frames_lock:
-                self._busy += 1
-                if self._busy > self._peak:
-                    self._peak = self._busy
-            outputs = self._forward(*gen.weights, *flat, gen.states)
+            # The tokens out right now, this call's among them: a true count at one instant.
+            busy = self._max_frames - frames.qsize()
+            if busy > self._peak:
+                self._raise_peak(busy)
+            outputs = self._forward(*gen.graph_weights, *flat, gen.states)
         finally:
-            with self._frames_lock:
-                self._busy -= 1
-            self._frames.release()
-        if self._buffer_mutations or self._input_mutations:
+            frames.put(None)
+        if self._mutates:
             with torch.no_grad():
                 for i, j in self._buffer_mutations:
                     gen.weights[j].copy_(outputs[i])
@@ -207,6 +232,10 @@ class Executor:
         if spec == flat_tuple:
             return lambda outputs: tuple(outputs[i] for i in picks)
         return lambda outputs: pytree.tree_unflatten([outputs[i] for i in picks], spec)
+
+    def _raise_peak(self, busy: int) -> None:
+        with self._peak_lock:  # rare: only when a new peak is seen
+            self._peak = max(self._peak, busy)
 
     @property
     def num_frames(self) -> int:
@@ -250,10 +279,7 @@ class Executor:
                 raise
             for runner in staged:
                 runner.executor.commit_weights()
-            self._gen = _Generation(
-                tuple(new[n] for n in self._weight_names),
-                tuple(r.executor.active_state() for r in self._runners),
-            )
+            self._gen = self._generation(new)
             return missing, unexpected
 
     # -- profiling -------------------------------------------------------------------------
@@ -275,7 +301,7 @@ class Executor:
             for i in range(warmup + runs):
                 if i == warmup:
                     samples.clear()
-                Timed(self._gm).run(*gen.weights, *flat, gen.states)
+                Timed(self._gm).run(*gen.graph_weights, *flat, gen.states)
         table = ProfileTable()
         for node, times in samples.items():
             times.sort()

@@ -216,7 +216,7 @@ def test_unknown_compile_spec_is_rejected_before_anything_compiles():
     with pytest.raises(
         nativert.SettingsError,
         match=r"compile_specs\['onnxruntime'\]: .*no compile specs \['threads'\]; valid: "
-        r"\['intra_op_num_threads'\]",
+        r"\['intra_op_num_threads', 'intra_op_spinning'\]",
     ):
         nativert.AllNodePartitioner("onnxruntime", compile_specs={"threads": 2})
     with pytest.raises(nativert.DelegateCompileError, match=r"unknown compile specs \['threads'\]"):
@@ -235,6 +235,32 @@ def test_intra_op_threads_from_compile_specs():
     assert lowered.executor._threads == 1
     with torch.no_grad():
         assert_close(program.module()(*inputs), model(*inputs))
+
+
+@pytest.mark.parametrize("mode, allow", [(None, "1"), ("always", "1"), ("never", "0")])
+def test_intra_op_spinning_from_compile_specs(mode, allow):
+    model, inputs = make("mlp")
+    specs = {} if mode is None else {"intra_op_spinning": mode}
+    partitioner = nativert.AllNodePartitioner("onnxruntime", compile_specs=specs)
+    program = nativert.to_backend(torch.export.export(model, inputs), partitioner)
+    (lowered,) = nativert.lowered_modules(program)
+    options = lowered.executor.active_state().session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == allow
+    with torch.no_grad():
+        assert_close(program.module()(*inputs), model(*inputs))
+
+
+def test_bad_intra_op_spinning_is_rejected_before_anything_compiles():
+    with pytest.raises(
+        nativert.SettingsError,
+        match=r"compile spec 'intra_op_spinning' must be one of \['always', 'never'\], "
+        r"got True",
+    ):
+        nativert.AllNodePartitioner("onnxruntime", compile_specs={"intra_op_spinning": True})
+    with pytest.raises(nativert.DelegateCompileError, match=r"'intra_op_spinning' must be one"):
+        nativert.get_delegate("onnxruntime").preprocess(
+            torch.export.export(*make("mlp")), [nativert.CompileSpec("intra_op_spinning", "off")]
+        )
 
 
 def test_concurrent_callers_with_fresh_inputs_get_their_own_results(mlp_executor):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.export import ExportedProgram
@@ -16,10 +17,14 @@ from torch.fx import Node
 
 from nativert.backend.delegates.onnxruntime import support
 from nativert.backend.delegates.onnxruntime.executor import OnnxRuntimeExecutor
-from nativert.backend.delegates.onnxruntime.export import check_untrusted, export
+from nativert.backend.delegates.onnxruntime.export import (
+    SPEC_KEYS,
+    THREADS,
+    check_untrusted,
+    check_values,
+    export,
+)
 from nativert.delegate import Availability, CompileSpec, Delegate
-
-THREADS = "intra_op_num_threads"
 
 
 @functools.cache
@@ -32,7 +37,7 @@ class OnnxRuntimeDelegate(Delegate):
     priority = 300
     cacheable = True  # payloads carry no weight data
     thread_spec = THREADS
-    compile_spec_keys = frozenset({THREADS})
+    compile_spec_keys = frozenset(SPEC_KEYS)
     executes_native_code = False  # an ONNX graph of built-in kernels (check_payload)
 
     def toolchain(self) -> dict[str, str]:
@@ -54,6 +59,10 @@ class OnnxRuntimeDelegate(Delegate):
         if missing:
             return Availability(False, f"missing Python packages: {', '.join(missing)}")
         return Availability(True)
+
+    def check_compile_specs(self, specs: Mapping[str, Any]) -> None:
+        super().check_compile_specs(specs)
+        check_values(specs)
 
     def check_support(self, node: Node) -> str | None:
         return _table().check(node)

@@ -2,10 +2,13 @@
 
 One InferenceSession per payload, run with `run_with_iobinding`. Inputs are bound by
 pointer (zero copy on CPU; re-bound only when the pointer changes) and outputs are written
-into preallocated torch tensors. Per input signature, a plan is computed once: validation,
-output shapes (from the reference graph's symbolic shapes, or a fake run) and an IOBinding,
-one per thread so concurrent callers never share one. Never numpy on the hot path, never
-`run_with_ort_values`.
+into torch tensors that ORT fills in place. Per input signature, a plan is computed once:
+validation, output shapes (from the reference graph's symbolic shapes, or a fake run) and an
+IOBinding, one per thread so concurrent callers never share one. Each plan keeps the output
+buffers it has bound (`OutputBuffer`): a call hands out new tensors over them and reuses them,
+with no allocation and no new binding, once the caller has provably dropped every tensor that
+could see them; otherwise it allocates fresh ones and binds those. Never numpy on the hot
+path, never `run_with_ort_values`.
 
 Weights: the payload's weight initializers are external; every session gets the torch tensors
 through `SessionOptions.add_external_initializers` (shared, not copied). `process_weights`
@@ -24,7 +27,15 @@ from torch.export import ExportedProgram
 from torch.fx import Node
 
 from nativert._program import placeholder_values, validate_weights, weight_names
-from nativert.backend.delegates.onnxruntime.export import external_initializers, options
+from nativert.backend.delegates.onnxruntime.export import (
+    DEFAULT_SPINNING,
+    SPINNING,
+    SPINNING_MODES,
+    THREADS,
+    external_initializers,
+    options,
+)
+from nativert.backend.runtime.buffers import OutputBuffer
 from nativert.delegate import CompileSpec, StagedWeights
 from nativert.errors import DelegateCallError, DelegateCompileError
 
@@ -35,13 +46,14 @@ _ONNX_TYPES: dict[str, torch.dtype] = {
     "tensor(double)": torch.float64,
     "tensor(bool)": torch.bool,
 }
-_NUMPY_DTYPES: dict[torch.dtype, str] = {
-    torch.float32: "float32",
-    torch.float64: "float64",
-    torch.float16: "float16",
-    torch.int64: "int64",
-    torch.int32: "int32",
-    torch.bool: "bool",
+# ONNX TensorProto element types: what ORT's bindings take without a numpy dtype lookup.
+_ELEMENT_TYPES: dict[torch.dtype, int] = {
+    torch.float32: 1,
+    torch.float64: 11,
+    torch.float16: 10,
+    torch.int64: 7,
+    torch.int32: 6,
+    torch.bool: 9,
 }
 
 
@@ -50,14 +62,43 @@ _NUMPY_DTYPES: dict[torch.dtype, str] = {
 _NONEMPTY = torch.empty(1)
 
 
-class _Plan:
-    """Everything a call with one input signature needs, computed once for it."""
+class _Native:
+    """ORT's C++ session and bindings under its Python wrappers, for one session.
 
-    def __init__(self, binding: Any, tensor_inputs: list, outputs: list, scalars: list) -> None:
-        self.binding = binding
-        self.tensor_inputs = tensor_inputs  # [(index, onnx input name, numpy dtype)]
-        self.outputs = outputs  # [(onnx output name, numpy dtype, shape, torch dtype)]
+    The wrappers' `run_with_iobinding` and `bind_*` re-check WebGPU graph capture and build
+    an OrtDevice on every call (0.6 us per run, 2 us per bind, measured on ORT 1.32); for CPU
+    tensors bound by pointer none of that applies. `_sess`, `_iobinding` and
+    `_get_c_device` are private names of onnxruntime: a test in tests/backend/delegates/
+    test_onnxruntime_outputs.py fails loudly when a release renames them.
+    """
+
+    def __init__(self, session: Any) -> None:
+        import onnxruntime as ort
+
+        self.session = session
+        self.run = session._sess.run_with_iobinding  # (binding, run_options)
+        self.cpu = ort.OrtDevice.make("cpu", 0)._get_c_device()
+
+    def binding(self) -> tuple[Any, Any]:
+        """(wrapper, C++ binding): the wrapper owns the binding, so keep it too."""
+        wrapper = self.session.io_binding()
+        return wrapper, wrapper._iobinding
+
+
+class _Plan:
+    """Everything a call with one input signature needs, computed once for it (per thread)."""
+
+    __slots__ = ("wrapper", "binding", "tensor_inputs", "outputs", "bound", "buffers", "scalars")
+
+    def __init__(
+        self, wrapper: Any, binding: Any, tensor_inputs: tuple, outputs: tuple, scalars: list
+    ) -> None:
+        self.wrapper = wrapper  # ORT's Python IOBinding: owns `binding`
+        self.binding = binding  # its C++ binding
+        self.tensor_inputs = tensor_inputs  # ((index, onnx input name, element type), ...)
+        self.outputs = outputs  # ((onnx output name, element type, shape, torch dtype), ...)
         self.bound = [None] * len(tensor_inputs)  # data pointers bound last time
+        self.buffers: list[OutputBuffer | None] = [None] * len(outputs)  # bound now
         self.scalars = scalars  # tensors holding int inputs (SymInts), bound once
 
 
@@ -70,8 +111,9 @@ class _Compiled:
         self.input_meta = [(i.type, i.shape) for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
         self.keep_alive = keep_alive  # tensors backing the external initializers
-        # Plans (with their IOBinding) per thread: a session runs calls concurrently, but a
-        # binding must not be shared between them.
+        self.native = _Native(session)
+        # Plans (with their IOBinding and output buffers) per thread: a session runs calls
+        # concurrently, but a binding must not be shared between them.
         self.local = threading.local()
 
     def plans(self) -> dict[tuple, _Plan]:
@@ -95,7 +137,8 @@ class OnnxRuntimeExecutor(StagedWeights):
         self._ort = ort
         self._payload = payload
         specs = options(compile_specs)
-        self._threads = int(specs.get("intra_op_num_threads", torch.get_num_threads()))
+        self._threads = int(specs.get(THREADS, torch.get_num_threads()))
+        self._spinning = SPINNING_MODES[specs.get(SPINNING, DEFAULT_SPINNING)]
         self._reference = reference
         self.weight_names = weight_names(reference)
         values = placeholder_values(reference)
@@ -117,6 +160,7 @@ class OnnxRuntimeExecutor(StagedWeights):
         ort = self._ort
         so = ort.SessionOptions()
         so.intra_op_num_threads = self._threads
+        so.add_session_config_entry("session.intra_op.allow_spinning", self._spinning)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Shared, not copied: ORT reads the torch tensors, which must outlive the session.
         arrays = [weights[name].detach().contiguous().cpu() for name in self._external]
@@ -198,7 +242,8 @@ class OnnxRuntimeExecutor(StagedWeights):
         return [(tuple(int(d) for d in o.shape), o.dtype) for o in outs]
 
     def _plan(self, compiled: _Compiled, key: tuple, inputs: Sequence[Any]) -> _Plan:
-        binding = compiled.session.io_binding()
+        native = compiled.native
+        wrapper, binding = native.binding()
         tensor_inputs, shapes, scalars = [], [], []
         for i, value in enumerate(inputs):
             if not isinstance(value, torch.Tensor):
@@ -214,7 +259,7 @@ class OnnxRuntimeExecutor(StagedWeights):
                     )
                 scalar = torch.tensor(value, dtype=dtype).reshape([1] * len(onnx_shape))
                 binding.bind_input(
-                    name, "cpu", 0, _NUMPY_DTYPES[dtype], scalar.shape, scalar.data_ptr()
+                    name, native.cpu, _ELEMENT_TYPES[dtype], scalar.shape, scalar.data_ptr()
                 )
                 scalars.append(scalar)
                 shapes.append((value, None))
@@ -225,32 +270,31 @@ class OnnxRuntimeExecutor(StagedWeights):
                     f"onnxruntime delegate input {name!r} is on {value.device}, but this "
                     "session runs on CPU; move inputs to CPU"
                 )
-            if value.dtype not in _NUMPY_DTYPES:
+            if value.dtype not in _ELEMENT_TYPES:
                 raise DelegateCallError(
                     f"onnxruntime delegate input {name!r} has dtype {value.dtype}, which ONNX "
                     "Runtime cannot take"
                 )
-            tensor_inputs.append((i, name, _NUMPY_DTYPES[value.dtype]))
+            tensor_inputs.append((i, name, _ELEMENT_TYPES[value.dtype]))
             shapes.append((tuple(value.shape), value.dtype))
-        outputs = [
-            (name, _NUMPY_DTYPES[dtype], shape, dtype)
+        outputs = tuple(
+            (name, _ELEMENT_TYPES[dtype], shape, dtype)
             for name, (shape, dtype) in zip(
                 compiled.output_names, self._output_specs(tuple(shapes)), strict=True
             )
-        ]
-        plan = _Plan(binding, tensor_inputs, outputs, scalars)
+        )
+        plan = _Plan(wrapper, binding, tuple(tensor_inputs), outputs, scalars)
         compiled.plans()[key] = plan
         return plan
 
     def run_with(self, compiled: _Compiled, inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
         # Device is not in the key (building it per call is slow): the input loop below
         # refuses non-CPU tensors before binding.
-        key = tuple((v.shape, v.dtype) if isinstance(v, torch.Tensor) else v for v in inputs)
+        key = tuple([(v.shape, v.dtype) if isinstance(v, torch.Tensor) else v for v in inputs])
         plan = compiled.plans().get(key) or self._plan(compiled, key, inputs)
-        outputs = tuple(torch.empty(shape, dtype=dtype) for _, _, shape, dtype in plan.outputs)
-        binding, bound = plan.binding, plan.bound
+        binding, bound, cpu = plan.binding, plan.bound, compiled.native.cpu
         keep = []  # contiguous copies must live until the run is over
-        for j, (i, name, np_dtype) in enumerate(plan.tensor_inputs):
+        for j, (i, name, element_type) in enumerate(plan.tensor_inputs):
             t = inputs[i]
             if not t.is_cpu:
                 self._plan(compiled, key, inputs)  # raises the error naming the input
@@ -259,11 +303,17 @@ class OnnxRuntimeExecutor(StagedWeights):
                 keep.append(t)
             ptr = t.data_ptr() or _NONEMPTY.data_ptr()
             if bound[j] != ptr:  # ORT reads through the pointer at run time
-                binding.bind_input(name, "cpu", 0, np_dtype, t.shape, ptr)
+                binding.bind_input(name, cpu, element_type, t.shape, ptr)
                 bound[j] = ptr
-        for (name, np_dtype, shape, _), out in zip(plan.outputs, outputs, strict=True):
-            binding.bind_output(
-                name, "cpu", 0, np_dtype, shape, out.data_ptr() or _NONEMPTY.data_ptr()
-            )
-        compiled.session.run_with_iobinding(binding)
-        return outputs
+        buffers = plan.buffers
+        for j, buffer in enumerate(buffers):
+            if buffer is None or not buffer.released():
+                name, element_type, shape, dtype = plan.outputs[j]
+                # The caller still sees the last one (or it moved): this one is new, and the
+                # plan forgets the old one, which lives on as long as the caller holds it.
+                buffer = buffers[j] = OutputBuffer(shape, dtype)
+                binding.bind_output(
+                    name, cpu, element_type, shape, buffer.ptr or _NONEMPTY.data_ptr()
+                )
+        compiled.native.run(binding, None)
+        return tuple([buffer.alias() for buffer in buffers])

@@ -11,7 +11,7 @@ for saving and caching.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -105,14 +105,41 @@ def _export_failure(exc: BaseException) -> str:
     return where + chain[-1]
 
 
+THREADS = "intra_op_num_threads"
+# Whether ORT's intra-op threads keep spinning when idle (session.intra_op.allow_spinning):
+# "always" (ORT's default) or "never". Measured (benchmarks/results/executor_overhead.md,
+# 2 cores): spinning threads take the cores that PyTorch's threads (nodes between delegate
+# calls) or another runtime in the process need next: a custom op between two ORT regions
+# ran ~10x slower with "always" than with "never", and an ORT model alternating with an eager
+# model ~2x. Alone and called back to back, ORT needs them: "never" made an MLP lowered
+# whole 1.5x slower, as every call then wakes sleeping threads.
+SPINNING = "intra_op_spinning"
+SPINNING_MODES = {"always": "1", "never": "0"}
+DEFAULT_SPINNING = "always"
+SPEC_KEYS = (THREADS, SPINNING)
+
+
+def check_values(values: Mapping[str, Any]) -> None:
+    """Raise ValueError naming a compile spec whose value is not one it takes."""
+    spinning = values.get(SPINNING, DEFAULT_SPINNING)
+    if not isinstance(spinning, str) or spinning not in SPINNING_MODES:
+        raise ValueError(
+            f"compile spec {SPINNING!r} must be one of {list(SPINNING_MODES)}, got {spinning!r}"
+        )
+
+
 def options(compile_specs: Sequence[CompileSpec]) -> dict[str, Any]:
-    """The compile specs as a dict; unknown ones raise."""
+    """The compile specs as a dict; unknown ones, or values of the wrong type, raise."""
     values = {spec.key: spec.value for spec in compile_specs}
-    unknown = sorted(set(values) - {"intra_op_num_threads"})
+    unknown = sorted(set(values) - set(SPEC_KEYS))
     if unknown:
         raise DelegateCompileError(
-            f"onnxruntime: unknown compile specs {unknown}; valid: ['intra_op_num_threads']"
+            f"onnxruntime: unknown compile specs {unknown}; valid: {list(SPEC_KEYS)}"
         )
+    try:
+        check_values(values)
+    except ValueError as exc:
+        raise DelegateCompileError(f"onnxruntime: {exc}") from None
     return values
 
 
