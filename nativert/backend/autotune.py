@@ -47,7 +47,7 @@ from nativert._program import WEIGHT_KINDS, copy_graph_module, rebuild_program, 
 from nativert._program.inputs import InputSpecs
 from nativert._program.meta import ARG_NAME_KEY, REASON_KEY, TAG_KEY, TUNING_KEY
 from nativert.backend.cache import PayloadCache, default_cache_dir, segment_key
-from nativert.backend.lowering import compile_segment, region_segments
+from nativert.backend.lowering import compile_segment, hybrid_specs, region_segments
 from nativert.delegate import Delegate, get_delegate
 from nativert.errors import DelegateCompileError
 from nativert.partitioner.base import DelegationSpec, PartitionResult
@@ -462,6 +462,7 @@ def _mixed_plan(tuner, result: PartitionResult, flat, delegates, lower) -> Expor
         if decision.choice in payloads:
             precompiled[new_tag] = payloads[decision.choice]
         notes[new_tag] = decision.line()
+    tags = dict(hybrid_specs(PartitionResult(plan, tags), settings).tags)
     return lower(plan, tags, precompiled=precompiled, notes=notes)
 
 

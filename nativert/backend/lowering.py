@@ -13,9 +13,11 @@ is duplicated in memory and gradients reach every parameter. Mutations stay at t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
+import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import (
     InputKind,
@@ -34,10 +36,11 @@ from nativert._program import (
 from nativert._program.meta import REASON_KEY, TAG_KEY, TUNING_KEY
 from nativert.backend.cache import PayloadCache, segment_key
 from nativert.call_delegate import HOP_NAME, call_delegate
-from nativert.delegate import get_delegate, require_available
+from nativert.delegate import dict_to_specs, get_delegate, require_available
 from nativert.errors import DelegateCompileError, PartitionError
 from nativert.lowered import LoweredBackendModule
-from nativert.partitioner.base import DelegationSpec
+from nativert.partitioner.base import DelegationSpec, PartitionResult
+from nativert.settings import Settings
 
 _SEGMENT_PREFIX = "_nativert_segment_"
 logger = logging.getLogger("nativert")
@@ -365,3 +368,35 @@ def lower_tagged_program(
     gm.graph.lint()
     gm.recompile()
     return rebuild_program(program, gm)
+
+
+def hybrid_specs(result: PartitionResult, settings: Settings) -> PartitionResult:
+    """Add each delegate's `hybrid_compile_specs` when the program runs more than one region
+    or leaves compute in PyTorch (keys the settings set win)."""
+    from nativert.partitioner.capability import is_compute
+
+    tags = result.tags
+    program = result.tagged_program
+    kept = any(
+        n.op == "call_function" and TAG_KEY not in n.meta and is_compute(n) and _tensor_valued(n)
+        for n in program.graph.nodes
+    )
+    if len(tags) < 2 and not kept:
+        return result
+    new = {}
+    for tag, spec in tags.items():
+        extra = get_delegate(spec.backend_id).hybrid_compile_specs
+        given = settings.compile_specs.get(spec.backend_id, {})
+        specs = {s.key: s.value for s in spec.compile_specs}
+        for key, value in extra.items():
+            if key not in given:
+                specs.setdefault(key, value)
+        new[tag] = dataclasses.replace(spec, compile_specs=tuple(dict_to_specs(specs)))
+    return PartitionResult(program, new)
+
+
+def _tensor_valued(node: Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) or (
+        isinstance(val, (tuple, list)) and bool(val) and isinstance(val[0], torch.Tensor)
+    )

@@ -34,7 +34,7 @@ from torch.export import ExportedProgram
 from nativert._program import copy_graph_module, rebuild_program
 from nativert.backend.autotune import TuningReport, candidate_settings, tune_and_lower
 from nativert.backend.cache import payload_cache
-from nativert.backend.lowering import lower_tagged_program
+from nativert.backend.lowering import hybrid_specs, lower_tagged_program
 from nativert.errors import DelegateCompileError, PartitionError
 from nativert.partitioner.base import DelegationSpec, Partitioner, PartitionResult
 from nativert.partitioner.capability import CapabilityPartitioner
@@ -118,7 +118,7 @@ def lower_program(
     program = run_passes(program, DEFAULT_PIPELINE if passes is None else passes).program
     # Partitioners tag, and lowering rewrites, a copy: never the caller's graph.
     program = rebuild_program(program, copy_graph_module(program))
-    result = _partition(partitioner, program)
+    result = hybrid_specs(_partition(partitioner, program), settings)
 
     cache = payload_cache(settings.cache_dir)
     fallbacks: list[str] = []

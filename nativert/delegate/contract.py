@@ -100,6 +100,10 @@ class Delegate(abc.ABC):
             the `num_threads` setting fills it in. None: the delegate takes no thread count.
         compile_spec_keys: the compile specs it accepts; None accepts any key (then
             `check_compile_specs` should check them).
+        hybrid_compile_specs: compile specs added (unless the settings set the key) when
+            the program runs other code between this delegate's calls: PyTorch nodes or
+            other regions (onnxruntime: its idle threads stop spinning, so they do not take
+            the cores that code needs next).
         executes_native_code: loading a payload runs native code (a shared library, an
             engine), so `nativert.load` refuses such segments of a package unless the caller
             trusts the file. True by default: nativert cannot know what a third-party
@@ -114,6 +118,7 @@ class Delegate(abc.ABC):
     cacheable: ClassVar[bool] = False
     thread_spec: ClassVar[str | None] = None
     compile_spec_keys: ClassVar[frozenset[str] | None] = frozenset()
+    hybrid_compile_specs: ClassVar[Mapping[str, JSONValue]] = {}
     executes_native_code: ClassVar[bool] = True
 
     def is_available(self) -> Availability:

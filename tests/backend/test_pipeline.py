@@ -181,3 +181,26 @@ def test_inference_pipeline_on_an_exported_program_folds_every_batch_norm():
     assert not [t for t in everywhere if "batch_norm" in str(t)]
     with torch.no_grad():
         assert_close(nativert.Executor(delegated)(*inputs), model(*inputs), atol=1e-5, rtol=1e-4)
+
+
+def _specs(program):
+    return [
+        dict((s.key, s.value) for s in m.compile_specs) for m in nativert.lowered_modules(program)
+    ]
+
+
+def test_onnxruntime_threads_stop_spinning_only_when_other_code_runs_between_its_calls():
+    hybrid, inputs = make("custom_op")  # ORT, a custom op in PyTorch, ORT
+    whole, whole_inputs = make("mlp")
+    lowered = nativert.to_backend(torch.export.export(hybrid, inputs), cache_dir=None)
+    assert _specs(lowered) and all(s.get("intra_op_spinning") == "never" for s in _specs(lowered))
+    with torch.no_grad():
+        assert_close(nativert.Executor(lowered)(*inputs), hybrid(*inputs))
+    alone = nativert.to_backend(torch.export.export(whole, whole_inputs), cache_dir=None)
+    assert [s.get("intra_op_spinning") for s in _specs(alone)] == [None]
+    chosen = nativert.to_backend(
+        torch.export.export(hybrid, inputs),
+        cache_dir=None,
+        compile_specs={"onnxruntime": {"intra_op_spinning": "always"}},
+    )
+    assert all(s["intra_op_spinning"] == "always" for s in _specs(chosen))

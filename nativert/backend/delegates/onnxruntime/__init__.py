@@ -19,6 +19,7 @@ from nativert.backend.delegates.onnxruntime import support
 from nativert.backend.delegates.onnxruntime.executor import OnnxRuntimeExecutor
 from nativert.backend.delegates.onnxruntime.export import (
     SPEC_KEYS,
+    SPINNING,
     THREADS,
     check_untrusted,
     check_values,
@@ -38,6 +39,10 @@ class OnnxRuntimeDelegate(Delegate):
     cacheable = True  # payloads carry no weight data
     thread_spec = THREADS
     compile_spec_keys = frozenset(SPEC_KEYS)
+    # Measured (benchmarks/results/executor_overhead.md): between PyTorch ops or other
+    # runtimes, spinning ORT threads took their cores (a custom op between two ORT regions
+    # ran ~10x slower); alone, spinning is what makes back-to-back calls fast.
+    hybrid_compile_specs = {SPINNING: "never"}
     executes_native_code = False  # an ONNX graph of built-in kernels (check_payload)
 
     def toolchain(self) -> dict[str, str]:
