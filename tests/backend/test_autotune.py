@@ -1,8 +1,8 @@
 """Autotune: each region's runner chosen by measurement, decisions cached, numerics kept.
 
-The graphs are built so that one runner wins by a wide margin whatever the machine's noise:
-a tiny elementwise op (a runtime call costs more than the op: PyTorch wins) and a conv net at
-1x3x64x64 (ONNX Runtime's fused, pre-packed convolutions win several times over).
+Where a winner is asserted, the graph is built so that it wins by a wide margin whatever the
+machine's noise: a conv net at 1x3x64x64 (ONNX Runtime's fused, pre-packed convolutions beat
+PyTorch several times over).
 """
 
 from __future__ import annotations
@@ -43,17 +43,19 @@ def _lower(model, inputs, tmp_path, **options):
     return lower_program(program, settings)
 
 
-def test_a_tiny_region_stays_in_pytorch_with_every_candidate_reported(tmp_path):
+def test_the_fastest_measured_runner_wins_and_every_candidate_is_reported(tmp_path):
+    """A one-op region: ONNX Runtime and PyTorch are close here, so the test checks the rule
+    (the smallest median wins) rather than a winner."""
     model, x = Tiny(), torch.randn(4)
     result = _lower(model, (x,), tmp_path, delegates=["onnxruntime"])
-    (decision, *_) = result.tuning.decisions
-    assert decision.choice == PYTORCH, str(result.tuning)
-    assert [m.runner for m in decision.measurements] == ["onnxruntime", PYTORCH]
-    assert all(m.ms is not None and m.ms > 0 for m in decision.measurements)
+    decision = result.tuning.decisions[0]
+    times = {m.runner: m.ms for m in decision.measurements}
+    assert list(times) == ["onnxruntime", PYTORCH]
+    assert all(ms is not None and ms > 0 for ms in times.values())
+    assert decision.choice == min(times, key=times.__getitem__), str(result.tuning)
     report = nativert.delegation_report(result.program)
-    assert report.delegated_nodes == 0
-    (reasons,) = report.reasons.values()
-    assert any("autotune" in r and "onnxruntime" in r and "ms" in r for r in reasons), reasons
+    text = str(report)
+    assert "autotune" in text and "onnxruntime" in text and " ms" in text, text
     assert_close(nativert.Executor(result.program)(x), model(x))
 
 

@@ -85,7 +85,7 @@ def _expression(tokens: list, i: int, text: str) -> int:
     function = value
     i = _expect(tokens, i + 1, "(", text)
     first = True
-    while tokens[i:i + 1] != [("punct", ")")]:
+    while tokens[i : i + 1] != [("punct", ")")]:
         if not first:
             i = _expect(tokens, i, ",", text)
         i = _argument(tokens, i, text, function, first)
