@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from nativert.models import TransformerBlock
+from nativert.models import ConvBnRelu, TransformerBlock
 
 
 @torch.library.custom_op("nativert_suite::soft_clip", mutates_args=())
@@ -52,22 +52,6 @@ class DeepMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
-
-
-class ConvBnRelu(nn.Module):
-    """Four conv-bn-relu layers, pooled, then a linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        layers, channels = [], 3
-        for width in (32, 64, 64, 64):
-            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
-            channels = width
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(channels, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x).mean(dim=(2, 3)))
 
 
 class ResNetStack(nn.Module):

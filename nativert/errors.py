@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, without terminal colours (ONNX Runtime's
+    and OpenVINO's errors carry ANSI codes)."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return text.splitlines()[0] if text else ""
+
+
 class NativertError(Exception):
     """Base class of every error nativert raises on purpose."""
 

@@ -38,6 +38,23 @@ class ConvNet(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
+class ConvBnRelu(nn.Module):
+    """Four conv-bn-relu layers (32-64 channels), pooled, then a linear head: a model of
+    milliseconds at 1x3x64x64, where fused convolutions show (benchmarks, autotune tests)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers, channels = [], 3
+        for width in (32, 64, 64, 64):
+            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+            channels = width
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean(dim=(2, 3)))
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm self-attention (scaled_dot_product_attention) and an MLP, with residuals."""
 

@@ -46,12 +46,13 @@ from torch.fx import Node
 from nativert._program import WEIGHT_KINDS, copy_graph_module, rebuild_program, weight_tensor
 from nativert._program.inputs import InputSpecs
 from nativert._program.meta import ARG_NAME_KEY, REASON_KEY, TAG_KEY, TUNING_KEY
-from nativert.backend.cache import PayloadCache, default_cache_dir, segment_key
+from nativert.backend.cache import PayloadCache, cache_root, segment_key
 from nativert.backend.lowering import compile_segment, hybrid_specs, region_segments
 from nativert.delegate import Delegate, get_delegate
-from nativert.errors import DelegateCompileError
+from nativert.errors import DelegateCompileError, first_line
 from nativert.partitioner.base import DelegationSpec, PartitionResult
-from nativert.settings import DEFAULT_CACHE, Settings
+from nativert.partitioner.capability import produces_tensors
+from nativert.settings import Settings
 
 logger = logging.getLogger("nativert")
 
@@ -228,10 +229,7 @@ def _close(got: Any, expected: Any) -> str | None:
 
 
 def _first_line(exc: BaseException) -> str:
-    import re
-
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+    return f"{type(exc).__name__}: {first_line(exc)[:200]}"
 
 
 # -- the decision cache ---------------------------------------------------------------------
@@ -252,11 +250,8 @@ class DecisionCache:
     """Decisions by key, one small JSON file each; unreadable entries are ignored."""
 
     def __init__(self, cache_dir: str | None) -> None:
-        if cache_dir is None:
-            self.directory = None
-        else:
-            base = default_cache_dir() if cache_dir == DEFAULT_CACHE else Path(cache_dir)
-            self.directory = base / "autotune"
+        root = cache_root(cache_dir)
+        self.directory = None if root is None else root / "autotune"
 
     def get(self, key: str, runners: Sequence[str]) -> Decision | None:
         if self.directory is None:
@@ -472,16 +467,13 @@ def _tensor_compute(program: ExportedProgram) -> list[Node]:
 
     from nativert.call_delegate import call_delegate
 
-    found = []
-    for node in program.graph.nodes:
-        if node.op != "call_function" or node.target in (operator.getitem, call_delegate):
-            continue
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) or (
-            isinstance(val, (tuple, list)) and val and all(isinstance(v, torch.Tensor) for v in val)
-        ):
-            found.append(node)
-    return found
+    return [
+        node
+        for node in program.graph.nodes
+        if node.op == "call_function"
+        and node.target not in (operator.getitem, call_delegate)
+        and produces_tensors(node)
+    ]
 
 
 def _whole_plan(program, runner: str, settings: Settings, lower) -> ExportedProgram | None:

@@ -44,14 +44,20 @@ def default_cache_dir() -> Path:
     return Path(base) / "nativert"
 
 
-def payload_cache(cache_dir: str | os.PathLike | None) -> PayloadCache | None:
-    """The cache for a `cache_dir` setting: "default" (default_cache_dir()), a path, or None
-    for no cache."""
+def cache_root(cache_dir: str | os.PathLike | None) -> Path | None:
+    """The directory a `cache_dir` setting names: "default" (default_cache_dir()), a path, or
+    None for no cache."""
     if cache_dir is None:
         return None
     if not isinstance(cache_dir, (str, os.PathLike)):
         raise TypeError(f"cache_dir must be a path, 'default' or None, got {cache_dir!r}")
-    return PayloadCache(default_cache_dir() if cache_dir == DEFAULT_CACHE else Path(cache_dir))
+    return default_cache_dir() if cache_dir == DEFAULT_CACHE else Path(cache_dir)
+
+
+def payload_cache(cache_dir: str | os.PathLike | None) -> PayloadCache | None:
+    """The payload cache for a `cache_dir` setting (None: no cache)."""
+    root = cache_root(cache_dir)
+    return None if root is None else PayloadCache(root)
 
 
 def _value_text(value: object) -> str:

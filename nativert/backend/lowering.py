@@ -17,7 +17,6 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
-import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import (
     InputKind,
@@ -373,12 +372,12 @@ def lower_tagged_program(
 def hybrid_specs(result: PartitionResult, settings: Settings) -> PartitionResult:
     """Add each delegate's `hybrid_compile_specs` when the program runs more than one region
     or leaves compute in PyTorch (keys the settings set win)."""
-    from nativert.partitioner.capability import is_compute
+    from nativert.partitioner.capability import is_compute, produces_tensors
 
     tags = result.tags
     program = result.tagged_program
     kept = any(
-        n.op == "call_function" and TAG_KEY not in n.meta and is_compute(n) and _tensor_valued(n)
+        n.op == "call_function" and TAG_KEY not in n.meta and is_compute(n) and produces_tensors(n)
         for n in program.graph.nodes
     )
     if len(tags) < 2 and not kept:
@@ -393,10 +392,3 @@ def hybrid_specs(result: PartitionResult, settings: Settings) -> PartitionResult
                 specs.setdefault(key, value)
         new[tag] = dataclasses.replace(spec, compile_specs=tuple(dict_to_specs(specs)))
     return PartitionResult(program, new)
-
-
-def _tensor_valued(node: Node) -> bool:
-    val = node.meta.get("val")
-    return isinstance(val, torch.Tensor) or (
-        isinstance(val, (tuple, list)) and bool(val) and isinstance(val[0], torch.Tensor)
-    )

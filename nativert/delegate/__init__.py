@@ -13,6 +13,7 @@ from nativert.delegate.contract import (
     DelegateExecutor,
     StagedWeights,
     dict_to_specs,
+    package_versions,
 )
 from nativert.delegate.reference import ReferenceExecutor
 from nativert.delegate.registry import (
@@ -52,6 +53,7 @@ __all__ = [
     "is_registered",
     "list_delegates",
     "max_rank",
+    "package_versions",
     "register_delegate",
     "require_available",
     "static_shapes",

@@ -34,6 +34,20 @@ class CompileSpec:
     value: JSONValue
 
 
+def package_versions(*names: str) -> dict[str, str]:
+    """Installed version of each Python distribution, "missing" where it is not installed:
+    what `Delegate.toolchain` usually returns."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "missing"
+    return versions
+
+
 def dict_to_specs(options: Mapping[str, JSONValue] | None) -> list[CompileSpec]:
     return [CompileSpec(key, value) for key, value in sorted((options or {}).items())]
 

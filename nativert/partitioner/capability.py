@@ -40,7 +40,9 @@ def _matches(node: Node, keys: Iterable[str]) -> bool:
     return target.name() in keys or target._schema.name in keys
 
 
-def _produces_tensors(node: Node) -> bool:
+def produces_tensors(node: Node) -> bool:
+    """Whether `node` yields tensors (one, or a non-empty tuple of them): what a delegate can
+    return."""
     val = node.meta.get("val")
     if isinstance(val, (tuple, list)):
         return bool(val) and all(isinstance(v, torch.Tensor) for v in val)
@@ -134,7 +136,7 @@ class CapabilityPartitioner:
         if _matches(node, self.settings.exclude_ops):
             node.meta[REASON_KEY] = "excluded by user"
             return None
-        if not _produces_tensors(node):
+        if not produces_tensors(node):
             node.meta[REASON_KEY] = (
                 "returns no tensor (checks and effects stay in PyTorch)"
                 if node.meta.get("val") is None

@@ -16,25 +16,13 @@ from torch import nn
 import nativert
 from nativert.backend.autotune import PYTORCH, time_interleaved
 from nativert.backend.pipeline import lower_program
+from nativert.models import ConvBnRelu
 from tests.conftest import assert_close
 
 
 class Tiny(nn.Module):
     def forward(self, x):
         return x + 1
-
-
-class Convs(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        layers, channels = [], 3
-        for width in (32, 64, 64, 64):
-            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
-            channels = width
-        self.body = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.body(x).mean(dim=(2, 3))
 
 
 def _lower(model, inputs, tmp_path, **options):
@@ -61,7 +49,7 @@ def test_the_fastest_measured_runner_wins_and_every_candidate_is_reported(tmp_pa
 
 def test_a_heavy_region_goes_to_the_faster_delegate_and_matches_eager(tmp_path):
     torch.manual_seed(0)
-    model, x = Convs().eval(), torch.randn(1, 3, 64, 64)
+    model, x = ConvBnRelu().eval(), torch.randn(1, 3, 64, 64)
     result = _lower(model, (x,), tmp_path, delegates=["onnxruntime"])
     (decision,) = result.tuning.decisions
     assert decision.choice == "onnxruntime", str(result.tuning)
@@ -105,7 +93,7 @@ def test_a_corrupt_cache_entry_is_ignored_and_tuned_again(tmp_path):
 
 def test_a_spent_budget_keeps_the_default_and_caches_nothing(tmp_path):
     torch.manual_seed(0)
-    model, x = Convs().eval(), torch.randn(1, 3, 16, 16)
+    model, x = ConvBnRelu().eval(), torch.randn(1, 3, 16, 16)
     result = _lower(
         model, (x,), tmp_path, delegates=["onnxruntime", "aoti"], autotune_budget_s=1e-6
     )

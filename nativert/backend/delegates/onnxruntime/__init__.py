@@ -25,7 +25,7 @@ from nativert.backend.delegates.onnxruntime.export import (
     check_values,
     export,
 )
-from nativert.delegate import Availability, CompileSpec, Delegate
+from nativert.delegate import Availability, CompileSpec, Delegate, package_versions
 
 
 @functools.cache
@@ -47,15 +47,7 @@ class OnnxRuntimeDelegate(Delegate):
 
     def toolchain(self) -> dict[str, str]:
         """Versions of the exporter and runtime: part of the compile cache key."""
-        from importlib.metadata import PackageNotFoundError, version
-
-        versions = {}
-        for package in ("onnx", "onnxscript", "onnxruntime"):
-            try:
-                versions[package] = version(package)
-            except PackageNotFoundError:
-                versions[package] = "missing"
-        return versions
+        return package_versions("onnx", "onnxscript", "onnxruntime")
 
     def is_available(self) -> Availability:
         missing = [

@@ -19,7 +19,7 @@ from torch.export import ExportedProgram
 
 from nativert._program import weight_names
 from nativert.delegate import CompileSpec
-from nativert.errors import DelegateCompileError
+from nativert.errors import DelegateCompileError, first_line
 
 _EXTERNAL_MARKER = "nativert:weights"  # initializers whose data comes from the weights
 
@@ -94,8 +94,7 @@ def _export_failure(exc: BaseException) -> str:
     """The failing node and the root cause from torch.onnx's chain of ConversionErrors."""
     node, chain = None, []
     while exc is not None:
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
+        first = first_line(exc) or type(exc).__name__
         found = re.match(r"Error when translating node %(\w+) : .*?target=([\w.:]+)", first)
         if found:
             node = f"node {found.group(1)!r} ({found.group(2).removeprefix('torch.ops.')})"

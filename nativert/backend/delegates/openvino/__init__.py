@@ -34,7 +34,7 @@ from nativert.backend.delegates.openvino import support
 from nativert.backend.delegates.openvino.convert import THREADS, convert_segment
 from nativert.backend.delegates.openvino.executor import OpenVinoExecutor
 from nativert.backend.delegates.openvino.payload import check_untrusted
-from nativert.delegate import Availability, CompileSpec, Delegate
+from nativert.delegate import Availability, CompileSpec, Delegate, package_versions
 
 
 @functools.cache
@@ -52,12 +52,7 @@ class OpenVinoDelegate(Delegate):
     executes_native_code = False  # an IR of built-in opsets (check_payload)
 
     def toolchain(self) -> dict[str, str]:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return {"openvino": version("openvino")}
-        except PackageNotFoundError:
-            return {"openvino": "missing"}
+        return package_versions("openvino")
 
     def is_available(self) -> Availability:
         if importlib.util.find_spec("openvino") is None:

@@ -23,7 +23,7 @@ from torch.export import ExportedProgram
 from torch.fx import Node
 
 from nativert.backend.delegates.tensorrt.executor import TensorRtExecutor, build_engine
-from nativert.delegate import Availability, CompileSpec, Delegate
+from nativert.delegate import Availability, CompileSpec, Delegate, package_versions
 
 
 class TensorRtDelegate(Delegate):
@@ -33,12 +33,7 @@ class TensorRtDelegate(Delegate):
     executes_native_code = True  # an engine: TensorRT deserializes and runs its kernels
 
     def toolchain(self) -> dict[str, str]:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return {"torch_tensorrt": version("torch-tensorrt")}
-        except PackageNotFoundError:
-            return {"torch_tensorrt": "missing"}
+        return package_versions("torch_tensorrt")
 
     def is_available(self) -> Availability:
         missing = [m for m in ("tensorrt", "torch_tensorrt") if importlib.util.find_spec(m) is None]
