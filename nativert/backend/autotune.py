@@ -48,6 +48,7 @@ from nativert._program.inputs import InputSpecs
 from nativert._program.meta import ARG_NAME_KEY, REASON_KEY, TAG_KEY, TUNING_KEY
 from nativert.backend.cache import PayloadCache, cache_root, segment_key
 from nativert.backend.lowering import compile_segment, hybrid_specs, region_segments
+from nativert.backend.runtime.tokens import new_token
 from nativert.delegate import Delegate, get_delegate
 from nativert.errors import DelegateCompileError, first_line
 from nativert.partitioner.base import DelegationSpec, PartitionResult
@@ -172,6 +173,8 @@ def node_values(program: ExportedProgram, flat_inputs: Sequence[Any]) -> dict[st
             args.append(weight_tensor(program, spec.target))
         elif spec.kind == InputKind.USER_INPUT:
             args.append(next(inputs))
+        elif spec.kind == InputKind.TOKEN:  # effect tokens carry no data: a fresh one
+            args.append(new_token())
         else:
             raise DelegateCompileError(f"autotune cannot run inputs of kind {spec.kind.name}")
     interpreter = torch.fx.Interpreter(program.graph_module, garbage_collect_values=False)

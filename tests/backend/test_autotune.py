@@ -118,6 +118,29 @@ def test_autotune_works_through_torch_compile(tmp_path):
     assert "autotune" in str(report)
 
 
+class InverseBetween(nn.Module):
+    """linalg.inv between linear layers: export threads an effect token through its check."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.before = nn.Linear(8, 8)
+        self.after = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.before(x))
+        return self.after(torch.linalg.inv(h @ h.T + torch.eye(8) * 4))
+
+
+def test_a_program_with_effect_tokens_is_tuned_and_matches(tmp_path):
+    """Measuring runs the program with its token input (it used to refuse kind TOKEN)."""
+    torch.manual_seed(0)
+    model, x = InverseBetween().eval(), torch.randn(8, 8)
+    result = _lower(model, (x,), tmp_path, delegates=["onnxruntime"])
+    assert result.tuning.decisions, str(result.tuning)
+    with torch.no_grad():
+        assert_close(nativert.Executor(result.program)(x), model(x), atol=1e-4, rtol=1e-4)
+
+
 def test_time_interleaved_ranks_a_slow_case_last():
     fast = torch.randn(8)
     slow = torch.randn(256, 256)

@@ -12,6 +12,8 @@ against what torch itself writes:
 - a target is an OpOverload registered in this process (`torch.ops.ns.op.overload`), a
   higher-order operator (`torch.ops.higher_order.name`), or one of the symbolic-shape
   functions torch serializes by name (`_operator.add`, `torch.sym_max`, `math.trunc`, ...).
+  Operator arguments (`as_operator`: the op that `with_effects` runs) are resolved the same
+  way (`torch.os.system` would resolve), so they are checked the same way.
 """
 
 from __future__ import annotations
@@ -128,22 +130,23 @@ def _symbolic_targets() -> frozenset[str]:
 _PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-def check_target(target: Any) -> None:
-    """Raise Refused unless `target` names an operator torch would write."""
+def check_target(target: Any, what: str = "node target") -> None:
+    """Raise Refused unless `target` names an operator torch would write (`what` names it
+    in the message)."""
     if not isinstance(target, str):
-        raise Refused(f"node target {target!r} is not a string")
+        raise Refused(f"{what} {target!r} is not a string")
     parts = target.split(".")
     if target in _symbolic_targets():
         return
     if parts[:2] != ["torch", "ops"] or not all(_PART.match(p) for p in parts[2:]):
-        raise Refused(f"node target {target!r} is not an operator; refusing to resolve it")
+        raise Refused(f"{what} {target!r} is not an operator; refusing to resolve it")
     if any(p.startswith("__") for p in parts):
-        raise Refused(f"node target {target!r} is not an operator")
+        raise Refused(f"{what} {target!r} is not an operator")
     if parts[2] == "higher_order" and len(parts) == 4:
         found = getattr(torch.ops.higher_order, parts[3], None)
         if isinstance(found, torch._ops.HigherOrderOperator):
             return
-        raise Refused(f"node target {target!r} is not a higher-order operator of this torch")
+        raise Refused(f"{what} {target!r} is not a higher-order operator of this torch")
     if len(parts) == 5 and parts[2] != "higher_order":
         try:
             packet = getattr(getattr(torch.ops, parts[2]), parts[3])
@@ -153,10 +156,10 @@ def check_target(target: Any) -> None:
         if isinstance(found, torch._ops.OpOverload):
             return
         raise Refused(
-            f"node target {target!r} is not an operator registered in this process (a custom "
+            f"{what} {target!r} is not an operator registered in this process (a custom "
             "op: import the library that defines it before loading)"
         )
-    raise Refused(f"node target {target!r} is not an operator")
+    raise Refused(f"{what} {target!r} is not an operator")
 
 
 # Node metadata torch keeps as plain strings; the rest (source_fn_stack, torch_fn) is
@@ -178,6 +181,8 @@ def check_program_json(data: Any, on_refused: Callable[[str], Exception]) -> Non
         try:
             if "expr_str" in item:
                 check_expression(item["expr_str"])
+            if "as_operator" in item:  # with_effects' op: resolved by name, like a target
+                check_target(item["as_operator"], "operator argument")
             if "target" in item:  # a Node: the only schema type with a target
                 check_target(item["target"])
                 metadata = item.get("metadata")

@@ -5,6 +5,7 @@ a small runner that hands the segment's inputs straight to its DelegateExecutor:
 dispatch, no `.module()` wrapper, just FX's generated straight-line Python. (A delegate call
 whose weights are not program weights, e.g. a lowered module that torch.compile traced, whose
 weights arrive as graph inputs, stays a `call_delegate` op, which binds them per call.)
+Effect tokens go as `.module()` drops them: effectful ops are called directly (tokens.py).
 
 Weights live in one immutable *generation*: the top-level weight tensors plus each
 delegate's committed state. A call reads the generation once and runs entirely on it;
@@ -32,6 +33,7 @@ from torch.fx import GraphModule, Node
 from nativert._program import WEIGHT_KINDS, weight_tensor
 from nativert._program.inputs import InputSpecs
 from nativert.backend.runtime.profile import ProfileRow, ProfileTable
+from nativert.backend.runtime.tokens import remove_effect_tokens
 from nativert.backend.runtime.weights import validate_update
 from nativert.call_delegate import call_delegate
 from nativert.errors import NativertError
@@ -87,7 +89,8 @@ class Executor:
         self.program = program
         sig = program.graph_signature
         self._weight_names = tuple(s.target for s in sig.input_specs if s.kind in WEIGHT_KINDS)
-        others = [s for s in sig.input_specs if s.kind not in (*WEIGHT_KINDS, InputKind.USER_INPUT)]
+        runnable = (*WEIGHT_KINDS, InputKind.USER_INPUT, InputKind.TOKEN)
+        others = [s for s in sig.input_specs if s.kind not in runnable]
         if others:
             raise NativertError(
                 f"Executor cannot run inputs of kind {others[0].kind.name} ({others[0].arg.name})"
@@ -158,14 +161,19 @@ class Executor:
         (its weight placeholders, in order: those only delegates read are gone)."""
         gm = copy.deepcopy(program.graph_module)
         graph = gm.graph
+        sig = program.graph_signature
+        token_inputs = {s.arg.name for s in sig.input_specs if s.kind == InputKind.TOKEN}
+        token_outputs = [i for i, s in enumerate(sig.output_specs) if s.kind == OutputKind.TOKEN]
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        with graph.inserting_after(placeholders[-1] if placeholders else None):
+        # After the last placeholder; before everything in a program without inputs
+        # (inserting_after(None) would append it after the output).
+        with (
+            graph.inserting_after(placeholders[-1])
+            if placeholders
+            else graph.inserting_before(next(iter(graph.nodes)))
+        ):
             states = graph.placeholder("nativert_delegate_states")
-        targets = {
-            s.arg.name: s.target
-            for s in program.graph_signature.input_specs
-            if s.kind in WEIGHT_KINDS
-        }
+        targets = {s.arg.name: s.target for s in sig.input_specs if s.kind in WEIGHT_KINDS}
         runners = []
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target is not call_delegate:
@@ -186,6 +194,9 @@ class Executor:
             node.replace_all_uses_with(direct)
             graph.erase_node(node)
         graph.eliminate_dead_code()  # the get_attr nodes of the lowered modules
+        if token_inputs or token_outputs:
+            # After DCE: the effectful calls it leaves return nothing anyone reads.
+            remove_effect_tokens(graph, token_inputs, token_outputs)
         read = []
         for node in placeholders:
             if node.name in targets:

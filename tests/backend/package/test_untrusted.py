@@ -100,6 +100,33 @@ def test_node_targets_that_are_not_operators_are_refused(saved, tmp_path, target
         nativert.load(hostile)
 
 
+class _Inverse(torch.nn.Module):
+    """linalg.inv: its error check is saved as with_effects(token, <operator>, ...)."""
+
+    def forward(self, a):
+        return torch.linalg.inv(torch.relu(a) + torch.eye(3))
+
+
+@pytest.mark.parametrize(
+    "operator", ["torch.os.system", "builtins.eval", "torch.ops.aten.nope.default"]
+)
+def test_operator_arguments_that_are_not_operators_are_refused(tmp_path, operator):
+    """The op with_effects runs is resolved by name like a node target (`torch.os.system`
+    is os.system): it gets the same check."""
+    program = nativert.to_backend(torch.export.export(_Inverse(), (torch.randn(3, 3),)))
+    path, hostile = tmp_path / "inverse.pt2", tmp_path / "hostile.pt2"
+    nativert.save(program, path)
+    nativert.load(path)  # the file as saved loads
+    edit_json(
+        path,
+        hostile,
+        MODEL_JSON,
+        lambda p: _first(p, lambda d: "as_operator" in d).update(as_operator=operator),
+    )
+    with pytest.raises(nativert.PackageError, match=rf"operator argument '{operator}' is not"):
+        nativert.load(hostile)
+
+
 def test_sample_inputs_are_never_unpickled(saved, tmp_path):
     model, x, path, expected = saved
     marker = tmp_path / "pwned"
