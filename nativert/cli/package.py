@@ -11,18 +11,41 @@ import torch
 from nativert.cli.errors import CliError
 
 
-def _describe(value: Any, ranges: dict) -> dict:
+def _dim(expr: Any, names: dict[str, str]) -> str:
+    """A symbolic size with the user's Dim names: `batch`, `2*batch`, or torch's `s77` for
+    a dim nobody named."""
+    import sympy
+
+    symbols = {s: sympy.Symbol(names[str(s)]) for s in expr.free_symbols if str(s) in names}
+    return str(expr.xreplace(symbols))
+
+
+def _describe(value: Any, names: dict[str, str]) -> dict:
     if isinstance(value, torch.Tensor):
-        shape = []
-        for dim in value.shape:
-            if isinstance(dim, torch.SymInt):
-                r = ranges.get(dim.node.expr)
-                bound = f"[{r.lower}, {r.upper}]" if r is not None else ""
-                shape.append(f"{dim.node.expr}{bound}")
-            else:
-                shape.append(int(dim))
+        shape = [
+            _dim(d.node.expr, names) if isinstance(d, torch.SymInt) else int(d) for d in value.shape
+        ]
         return {"dtype": str(value.dtype).removeprefix("torch."), "shape": shape}
     return {"type": type(value).__name__}
+
+
+def _dims(program, names: dict[str, str]) -> dict[str, dict]:
+    """{dim: {"min": int, "max": int or None (unbounded)}} for every dynamic dim."""
+    from nativert._program import finite_int
+
+    return {
+        names.get(str(symbol), str(symbol)): {
+            "min": finite_int(r.lower),
+            "max": finite_int(r.upper),
+        }
+        for symbol, r in program.range_constraints.items()
+    }
+
+
+def _shape_text(item: dict) -> str:
+    if "shape" not in item:
+        return item["type"]
+    return f"{item['dtype']} [{', '.join(str(d) for d in item['shape'])}]"
 
 
 def inspect(args: argparse.Namespace) -> int:
@@ -31,22 +54,32 @@ def inspect(args: argparse.Namespace) -> int:
 
     import nativert
     from nativert.backend.package import read_manifest
+    from nativert.backend.package.load import read_call_specs
+    from nativert.backend.package.treespecs import STANDARD_CONTAINERS, leaf_paths, spec_type
 
     manifest = read_manifest(args.package)
-    program = nativert.load(args.package, trust_native_code=args.trust_native_code)
+    # inspect needs no output type: plain containers load whatever was registered at save
+    program = nativert.load(
+        args.package, trust_native_code=args.trust_native_code, plain_containers=True
+    )
+    saved_out_spec = read_call_specs(args.package)["out_spec"]
     report = nativert.delegation_report(program)
+    names = manifest.get("dim_names", {})
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
-    ranges = dict(program.range_constraints)
     inputs = [
-        {"name": name, **_describe(placeholders[name].meta.get("val"), ranges)}
+        {"name": name, **_describe(placeholders[name].meta.get("val"), names)}
         for name in program.graph_signature.user_inputs
     ]
-    outputs_node = program.graph.output_node().args[0]
     user_outputs = set(program.graph_signature.user_outputs)
+    output_nodes = [
+        n for n in program.graph.output_node().args[0] if getattr(n, "name", None) in user_outputs
+    ]
+    paths = leaf_paths(saved_out_spec)
+    if paths is None or len(paths) != len(output_nodes):
+        paths = [n.name for n in output_nodes]
     outputs = [
-        {"name": n.name, **_describe(n.meta.get("val"), ranges)}
-        for n in outputs_node
-        if getattr(n, "name", None) in user_outputs
+        {"name": path, **_describe(n.meta.get("val"), names)}
+        for path, n in zip(paths, output_nodes, strict=True)
     ]
     delegates = [
         {
@@ -68,6 +101,8 @@ def inspect(args: argparse.Namespace) -> int:
         "format_version": manifest.get("format_version"),
         "inputs": inputs,
         "outputs": outputs,
+        "output_type": spec_type(saved_out_spec),
+        "dims": _dims(program, names),
         "delegates": delegates,
         "report": report.to_dict(),
     }
@@ -78,12 +113,18 @@ def inspect(args: argparse.Namespace) -> int:
         f"{args.package}: {info['file_bytes'] / 1e6:.2f} MB, saved with torch "
         f"{info['torch_version']}, nativert package format {info['format_version']}"
     )
-    for kind, items in (("input", inputs), ("output", outputs)):
-        for item in items:
-            print(
-                f"  {kind} {item['name']}: {item.get('dtype', item.get('type'))} "
-                f"{item.get('shape', '')}"
-            )
+    for item in inputs:
+        print(f"  input {item['name']}: {_shape_text(item)}")
+    if info["dims"]:
+        ranges = ", ".join(
+            f"{name}[{r['min']}, {'inf' if r['max'] is None else r['max']}]"
+            for name, r in info["dims"].items()
+        )
+        print(f"  dims: {ranges}")
+    if info["output_type"] not in (None, *STANDARD_CONTAINERS):
+        print(f"  outputs: {info['output_type']}")
+    for item in outputs:
+        print(f"  output {item['name']}: {_shape_text(item)}")
     for d in delegates:
         tools = ", ".join(f"{k} {v}" for k, v in d["toolchain"].items())
         print(
@@ -123,12 +164,28 @@ def _random_inputs(program, size: int) -> list[torch.Tensor]:
     return inputs
 
 
+_DIGITS = {"us": 1, "ms": 2, "s": 3}
+
+
+def latency_unit(seconds: float) -> tuple[str, float]:
+    """The unit for a latency line, chosen by its median: us below 1 ms, ms below 1 s, s
+    above; and the factor from seconds."""
+    if seconds < 1e-3:
+        return "us", 1e6
+    if seconds < 1:
+        return "ms", 1e3
+    return "s", 1.0
+
+
 def bench(args: argparse.Namespace) -> int:
     import threading
 
     import nativert
 
-    program = nativert.load(args.package, trust_native_code=args.trust_native_code)
+    # bench feeds tensors and times calls: it needs no output type (plain containers)
+    program = nativert.load(
+        args.package, trust_native_code=args.trust_native_code, plain_containers=True
+    )
     executor = nativert.Executor(program)
     inputs = _random_inputs(program, args.size)
     samples: list[float] = []
@@ -156,16 +213,18 @@ def bench(args: argparse.Namespace) -> int:
     samples.sort()
 
     def pct(p: float) -> float:
-        return samples[min(len(samples) - 1, int(p / 100 * len(samples)))] * 1e6
+        return samples[min(len(samples) - 1, int(p / 100 * len(samples)))]
 
     shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
     print(
         f"{args.package}: Executor, inputs {shapes}, {args.threads} thread(s) x "
         f"{args.runs} runs (+{args.warmup} warm-up)"
     )
+    unit, scale = latency_unit(pct(50))
+    values = [("p50", pct(50)), ("p90", pct(90)), ("p99", pct(99)), ("min", samples[0])]
     print(
-        f"  latency us: p50 {pct(50):.1f}  p90 {pct(90):.1f}  p99 {pct(99):.1f}  "
-        f"min {samples[0] * 1e6:.1f}"
+        f"  latency {unit}: "
+        + "  ".join(f"{name} {v * scale:.{_DIGITS[unit]}f}" for name, v in values)
     )
     total = args.threads * (args.runs + args.warmup)
     print(f"  throughput: {total / wall:.0f} calls/s")

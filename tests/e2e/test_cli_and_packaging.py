@@ -3,10 +3,13 @@ the CLI commands on a user's model factory."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
+
+import pytest
 
 
 def test_demo_runs_and_checks_numerics():
@@ -97,17 +100,23 @@ def test_lower_inspect_and_bench_a_user_factory(tmp_path):
     assert delegate["backend_id"] == "onnxruntime" and delegate["payload_bytes"] > 0
     assert "onnxruntime" in delegate["toolchain"]
     (x,) = info["inputs"]
-    assert x["dtype"] == "float32" and isinstance(x["shape"][0], str) and x["shape"][1] == 8
+    assert x["dtype"] == "float32" and x["shape"] == ["batch", 8]  # the user's Dim name
+    assert info["dims"]["batch"]["max"] is None or info["dims"]["batch"]["max"] > 1
+    (y,) = info["outputs"]
+    assert y["name"] == "output" and y["shape"] == ["batch", 2]  # not the node's name
     assert info["report"]["delegated_nodes"] == 3
 
     text = nativert_cli("inspect", "m.pt2", cwd=tmp_path)
     assert "delegate onnxruntime_0: onnxruntime v1" in text.stdout
+    assert re.search(r"input \w+: float32 \[batch, 8\]", text.stdout), text.stdout
+    assert re.search(r"dims: batch\[\d+, (\d+|inf)\]", text.stdout), text.stdout
 
     benched = nativert_cli(
         "bench", "m.pt2", "--runs", "20", "--threads", "2", "--profile", cwd=tmp_path
     )
     assert benched.returncode == 0, benched.stderr
-    assert "latency us: p50" in benched.stdout and "calls/s" in benched.stdout
+    assert re.search(r"latency (us|ms|s): p50 \d", benched.stdout), benched.stdout
+    assert "calls/s" in benched.stdout
     assert "delegate 'onnxruntime'" in benched.stdout  # the profile
 
     # The saved program is the factory's model, at another batch size.
@@ -117,6 +126,16 @@ def test_lower_inspect_and_bench_a_user_factory(tmp_path):
     with torch.no_grad():
         got = nativert.Executor(nativert.load(tmp_path / "m.pt2"))(x)
         assert torch.allclose(got, model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "unit"), [(42e-6, "us"), (999e-6, "us"), (0.2558695, "ms"), (3.2, "s")]
+)
+def test_bench_picks_the_latency_unit(seconds, unit):
+    from nativert.cli.package import latency_unit
+
+    got, scale = latency_unit(seconds)
+    assert got == unit and 0.1 <= seconds * scale < 1000
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path):

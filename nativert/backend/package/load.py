@@ -10,7 +10,10 @@ A package from somewhere else is untrusted input. Loading:
 - runs no native code the file carries unless the caller trusts the file: segments of
   delegates whose payloads are native code (AOTInductor libraries, TensorRT engines) are
   refused without `trust_native_code=True`;
-- lets each delegate check its payload (`Delegate.check_payload`) before it is loaded.
+- lets each delegate check its payload (`Delegate.check_payload`) before it is loaded;
+- never imports a module a file names: the types of the inputs and outputs (a dataclass, a
+  transformers ModelOutput) must be registered in this process already, or come back as
+  plain dicts and tuples with `plain_containers=True` (treespecs.py).
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ from nativert._program import rebuild_program
 from nativert._program.meta import REASON_KEY
 from nativert.backend.package.archive import Archive, check_byteorder
 from nativert.backend.package.manifest import (
+    DIM_NAMES_META,
     MANIFEST_MEMBER,
     TOP,
     manifest_of,
     program_with_inputs,
 )
-from nativert.backend.package.untrusted import check_program_json
+from nativert.backend.package.treespecs import call_signatures, check_call_graph
+from nativert.backend.package.untrusted import Refused, check_program_json
 from nativert.backend.package.weights import load_constants, load_weights
 from nativert.call_delegate import delegate_nodes
 from nativert.delegate import CompileSpec, Delegate, get_delegate
@@ -49,7 +54,11 @@ _PROGRAM_LIMIT = 256 << 20  # a program's JSON: graph and signature, no weights
 
 
 def load(
-    path: str | os.PathLike, *, strict: bool = False, trust_native_code: bool = False
+    path: str | os.PathLike,
+    *,
+    strict: bool = False,
+    trust_native_code: bool = False,
+    plain_containers: bool = False,
 ) -> ExportedProgram:
     """Read a program saved by `save`, with every delegate restored.
 
@@ -58,46 +67,98 @@ def load(
     native code (aoti, tensorrt) load only with `trust_native_code=True`. Raises
     PackageError, naming the file and the member, for a missing, truncated, corrupted,
     changed or wrong-version file, and for one that would need unpickling or evaluating.
+
+    Inputs and outputs keep the types they were exported with (a dataclass, a transformers
+    ModelOutput) when those types are registered with torch's pytree in this process: import
+    the module that defines them first (`import transformers.modeling_outputs`). nativert
+    never imports a module because a file names it, so an unregistered type raises
+    PackageError naming the type and the import to add. With `plain_containers=True` every
+    type other than tuple, list, dict, OrderedDict and deque becomes a plain container,
+    whether registered or not: one whose fields are known (a registered dataclass, a
+    ModelOutput) a dict of the fields present at export (fields that were None are left
+    out), any other a tuple (a namedtuple, for one); a defaultdict a dict. `.module()` and
+    `Executor` then return (and take) those plain containers; the tensors are the same.
+
+        out = nativert.Executor(nativert.load("bert.pt2", plain_containers=True))(ids)
+        out["last_hidden_state"]
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise PackageError(f"{path}: no such file")
     with Archive(path) as archive:
-        manifest = manifest_of(archive)
-        archive.expect(manifest.get("members"), unlisted=frozenset({MANIFEST_MEMBER}))
-        version = archive.read(ARCHIVE_VERSION_PATH, limit=64).decode("ascii", "replace")
-        if version != ARCHIVE_VERSION_VALUE:
-            raise PackageError(
-                f"{path}: pt2 archive version {version!r}, this torch reads "
-                f"{ARCHIVE_VERSION_VALUE!r}"
-            )
-        check_byteorder(archive)
+        manifest = _checked_manifest(archive)
         entries = manifest["delegates"]
         delegates = [_delegate(entry, path, strict, trust_native_code) for entry in entries]
-        top = _read_program(archive, TOP)
-        segments = [_read_program(archive, entry["program"]) for entry in entries]
+        top = _read_program(archive, TOP, plain_containers)
+        segments = [_read_program(archive, entry["program"], plain_containers) for entry in entries]
         payloads = [archive.read(f"{EXECUTORCH_DIR}{entry['payload']}") for entry in entries]
     for entry, (delegate, _), payload in zip(entries, delegates, payloads, strict=True):
         if delegate is not None:
             _check_payload(delegate, payload, entry, path)
     try:
-        return _restore(top, manifest, segments, payloads, delegates, path)
+        program = _restore(top, manifest, segments, payloads, delegates, path)
     except (PackageError, UnknownDelegateError):
         raise
     except Exception as exc:  # a manifest that does not fit its programs: name the file
         raise PackageError(
             f"{path}: cannot restore the delegates: {type(exc).__name__}: {exc}"
         ) from exc
+    # Dim names do not survive torch's serialization; kept so that saving again keeps them.
+    program.graph_module.meta[DIM_NAMES_META] = dict(manifest.get("dim_names", {}))
+    return program
 
 
-def _read_program(archive: Archive, name: str) -> ExportedProgram:
+def read_call_specs(path: str | os.PathLike) -> dict[str, str]:
+    """The top-level program's input and output structure as saved: {"in_spec": ...,
+    "out_spec": ...}, each torch's serialized TreeSpec (JSON text), read from the checked
+    file without torch and without any type registered (see treespecs.leaf_paths)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise PackageError(f"{path}: no such file")
+    with Archive(path) as archive:
+        _checked_manifest(archive)
+        data = _program_json(archive, TOP)
+    for fqn, signature in call_signatures(data):
+        if fqn == "":
+            return {key: signature.get(key) for key in ("in_spec", "out_spec")}
+    raise PackageError(f"{path}: {MODELS_FILENAME_FORMAT.format(TOP)} has no call signature")
+
+
+def _checked_manifest(archive: Archive) -> dict:
+    """The manifest, with every later read checked against it, and the archive's version."""
     path = archive.path
+    manifest = manifest_of(archive)
+    archive.expect(manifest.get("members"), unlisted=frozenset({MANIFEST_MEMBER}))
+    version = archive.read(ARCHIVE_VERSION_PATH, limit=64).decode("ascii", "replace")
+    if version != ARCHIVE_VERSION_VALUE:
+        raise PackageError(
+            f"{path}: pt2 archive version {version!r}, this torch reads {ARCHIVE_VERSION_VALUE!r}"
+        )
+    check_byteorder(archive)
+    return manifest
+
+
+def _program_json(archive: Archive, name: str) -> dict:
     member = MODELS_FILENAME_FORMAT.format(name)
     try:
-        data = json.loads(archive.read(member, limit=_PROGRAM_LIMIT))
+        return json.loads(archive.read(member, limit=_PROGRAM_LIMIT))
     except ValueError as exc:
-        raise PackageError(f"{path}: {member} is not valid JSON: {exc}") from exc
-    check_program_json(data, lambda why: PackageError(f"{path}: {member}: {why}"))
+        raise PackageError(f"{archive.path}: {member} is not valid JSON: {exc}") from exc
+
+
+def _read_program(archive: Archive, name: str, plain_containers: bool) -> ExportedProgram:
+    path = archive.path
+    member = MODELS_FILENAME_FORMAT.format(name)
+    data = _program_json(archive, name)
+
+    def refused(why: str) -> PackageError:
+        return PackageError(f"{path}: {member}: {why}")
+
+    check_program_json(data, refused)
+    try:
+        check_call_graph(data, plain_containers=plain_containers)
+    except Refused as exc:
+        raise refused(str(exc)) from None
     state_dict = load_weights(archive, name)
     constants = load_constants(archive, name)
     try:

@@ -3,8 +3,9 @@
 `extra/nativert/manifest.json` is a versioned JSON header: the size and SHA-256 of every
 other member of the archive, and per delegate its backend id, delegate and toolchain
 versions, compile specs, weight inputs, input/output names, mutated and non-differentiable
-indices, plus the partition reasons for the delegation report. A loader checks its shape
-before reading anything it names (`check_manifest`).
+indices, plus the partition reasons for the delegation report and the user's names for the
+dynamic dims (torch keeps them in the export's shape environment, which is not saved). A
+loader checks its shape before reading anything it names (`check_manifest`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import re
 from typing import Any
 
+import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 from torch.export.pt2_archive.constants import EXTRA_DIR
@@ -29,6 +31,46 @@ MANIFEST_MEMBER = f"{EXTRA_DIR}{MANIFEST}"
 TOP = "model"
 _MANIFEST_LIMIT = 64 << 20
 _NAME = re.compile(r"[A-Za-z0-9_]+\Z")
+_DIM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}\Z")
+# graph_module.meta key of a loaded program: {symbol: Dim name}, so that saving it again
+# keeps the names.
+DIM_NAMES_META = "nativert_dim_names"
+
+
+def dim_names(program: ExportedProgram) -> dict[str, str]:
+    """{symbol: the name the user gave its Dim} for the program's dynamic dims, e.g.
+    {"s77": "batch"}; unnamed dims (Dim.AUTO, ...) are left out.
+
+    torch names the symbols itself; the user's names live only in the export's shape
+    environment (`source_name_to_debug_name`, by input source), which torch does not
+    save: a loaded program has them from the manifest instead (`DIM_NAMES_META`)."""
+    names = {
+        k: v
+        for k, v in program.graph_module.meta.get(DIM_NAMES_META, {}).items()
+        if isinstance(k, str) and isinstance(v, str)
+    }
+    env = next(
+        (
+            d.node.shape_env
+            for n in program.graph.nodes
+            if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)
+            for d in n.meta["val"].shape
+            if isinstance(d, torch.SymInt)
+        ),
+        None,
+    )
+    # ShapeEnv is private torch API; the names are cosmetic, so a torch without these
+    # attributes gives unnamed dims, not a failed save (test_dim_names pins them).
+    debug = getattr(env, "source_name_to_debug_name", None) or {}
+    sources = getattr(env, "var_to_sources", None) or {}
+    for symbol in program.range_constraints:
+        for source in sources.get(symbol, ()):
+            name = debug.get(source.name)
+            if isinstance(name, str) and _DIM_NAME.match(name):
+                names[str(symbol)] = name
+                break
+    symbols = {str(s) for s in program.range_constraints}
+    return {k: v for k, v in names.items() if k in symbols and _DIM_NAME.match(v)}
 
 
 def program_with_inputs(
@@ -114,6 +156,12 @@ def check_manifest(manifest: Any, path: str) -> None:
         isinstance(k, str) and isinstance(v, str) for k, v in reasons.items()
     ):
         raise bad("reasons table")
+    names = manifest.get("dim_names", {})  # absent in files saved before it was added
+    if not isinstance(names, dict) or not all(
+        isinstance(k, str) and _NAME.match(k) and isinstance(v, str) and _DIM_NAME.match(v)
+        for k, v in names.items()
+    ):
+        raise bad("dim_names table")
 
 
 def _check_entry_lists(entry: dict, i: int, bad) -> None:

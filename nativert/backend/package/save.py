@@ -26,6 +26,7 @@ from nativert.backend.package.manifest import (
     FORMAT_VERSION,
     MANIFEST_MEMBER,
     TOP,
+    dim_names,
     program_with_inputs,
 )
 from nativert.call_delegate import delegate_nodes, lowered_modules
@@ -52,6 +53,7 @@ def save(program: ExportedProgram, path: str | os.PathLike) -> None:
         "reasons": {
             n.name: n.meta[REASON_KEY] for n in program.graph.nodes if REASON_KEY in n.meta
         },
+        "dim_names": dim_names(program),
     }
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
