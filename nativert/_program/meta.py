@@ -12,3 +12,6 @@ INPUT_KIND_KEY = "nativert_input_kind"
 ARG_NAME_KEY = "nativert_signature_name"
 # On a call_delegate node: what autotune measured for its region, one line for the report.
 TUNING_KEY = "nativert_autotune"
+# On a segment's node: the op the program had there, when lowering respelled it (a view
+# made a reshape); the delegation report counts the program's op.
+SOURCE_OP_KEY = "nativert_source_op"

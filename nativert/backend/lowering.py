@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import operator
+import re
 from collections.abc import Callable, Mapping, Sequence
 
+import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import (
     InputKind,
@@ -32,13 +36,20 @@ from nativert._program import (
     rebuild_program,
     remember_input_names,
 )
-from nativert._program.meta import REASON_KEY, TAG_KEY, TUNING_KEY
+from nativert._program.meta import REASON_KEY, SOURCE_OP_KEY, TAG_KEY, TUNING_KEY
 from nativert.backend.cache import PayloadCache, segment_key
 from nativert.call_delegate import HOP_NAME, call_delegate
 from nativert.delegate import dict_to_specs, get_delegate, require_available
-from nativert.errors import DelegateCompileError, PartitionError
+from nativert.errors import (
+    DelegateCompileError,
+    DelegateLoadError,
+    LoweringError,
+    PartitionError,
+    first_line,
+)
 from nativert.lowered import LoweredBackendModule
 from nativert.partitioner.base import DelegationSpec, PartitionResult
+from nativert.partitioner.capability import is_compute, op_name, produces_tensors
 from nativert.settings import Settings
 
 _SEGMENT_PREFIX = "_nativert_segment_"
@@ -124,6 +135,7 @@ def _segment_program(
 
     # Weights first, then inputs: ExportedProgram's placeholder order.
     anchor = next(n for n in sub_gm.graph.nodes if n.op != "placeholder")
+    _views_to_reshapes(sub_gm)
     for inner, _, _ in ordered:
         anchor.prepend(inner)
 
@@ -144,6 +156,22 @@ def _segment_program(
         i for i, name in enumerate(names) if name in kinds and kinds[name].kind in state_kinds
     ]
     return segment, outer_ordered, mutated_idx, state_idx
+
+
+def _views_to_reshapes(gm: GraphModule) -> None:
+    """A segment keeps no `view`: each becomes `reshape`, which is the same view wherever
+    one exists and a copy otherwise.
+
+    A view recorded at export is valid for the strides the kernels had then, and some
+    kernels' output layout depends on how they are traced. SDPA's CPU flash kernel returns
+    its output sequence-major and the math kernel (chosen when inputs require grad, as when
+    torch.onnx.export or the gradient probe retrace a segment) head-major, so T5's
+    `transpose(1, 2)` then `view` fails on the retrace. Segments are functional, so the
+    rewrite changes no value."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+            node.meta[SOURCE_OP_KEY] = op_name(torch.ops.aten.view.default)
 
 
 def compile_segment(
@@ -183,19 +211,44 @@ def compile_segment(
     try:
         payload = delegate.preprocess(segment, list(spec.compile_specs))
     except Exception as exc:
-        ops = sorted({str(n.target) for n in segment.graph.nodes if n.op == "call_function"})
-        detail = (
-            str(exc) if isinstance(exc, DelegateCompileError) else f"{type(exc).__name__}: {exc}"
-        )
+        detail = first_line(exc) if isinstance(exc, DelegateCompileError) else _detail(exc)
         raise DelegateCompileError(
             f"delegate {spec.backend_id!r} failed to compile segment {tag!r} "
-            f"(ops: {', '.join(ops)}): {detail}"
+            f"({_ops_summary(segment)}): {detail}"
         ) from exc
-    if cache is not None:
-        cache.put(key, payload)
-    return _lowered(
+    lowered = _lowered(
         segment, spec, tag, payload, owns_weights, mutated_arg_indices, state_arg_indices
     )
+    _check_loads(lowered, segment)
+    if cache is not None:
+        cache.put(key, payload)  # only payloads the runtime accepted
+    return lowered
+
+
+def _detail(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def _ops_summary(segment: ExportedProgram, shown: int = 4) -> str:
+    nodes = [n for n in segment.graph.nodes if n.op == "call_function"]
+    ops = sorted({op_name(n.target) for n in nodes})
+    more = f" and {len(ops) - shown} more" if len(ops) > shown else ""
+    return f"{len(nodes)} nodes: {', '.join(ops[:shown])}{more}"
+
+
+def _check_loads(lowered: LoweredBackendModule, segment: ExportedProgram) -> None:
+    """Build the module's executor now, bound to the segment's weights (`.module()` and
+    dense calls then use it): a payload its runtime refuses (ONNX Runtime's shape inference,
+    a library that does not load) is a compile failure, found while the region can still
+    stay in PyTorch, and never cached."""
+    try:
+        lowered.executor  # noqa: B018  (builds it)
+    except Exception as exc:
+        raise DelegateCompileError(
+            f"delegate {lowered.backend_id!r} compiled segment {lowered.module_name!r} "
+            f"({_ops_summary(segment)}), but its runtime refused the result: "
+            + (first_line(exc) if isinstance(exc, DelegateLoadError) else _detail(exc))
+        ) from exc
 
 
 def _lowered(segment, spec, tag, payload, owns_weights, mutated_arg_indices, state_arg_indices):
@@ -212,28 +265,30 @@ def _lowered(segment, spec, tag, payload, owns_weights, mutated_arg_indices, sta
 
 
 def _log_fallback(exc: DelegateCompileError) -> None:
-    logger.warning("%s; the region stays in PyTorch (strict=True raises instead)", exc)
+    logger.warning("%s (strict=True raises instead)", exc)
 
 
-def _inline(gm: GraphModule, call_node: Node, sub_gm: GraphModule, outer_args, reason: str):
-    """Put a fused region's nodes back in place of its call_module node (kept in PyTorch)."""
+def _inline(gm: GraphModule, call_node: Node, sub_gm: GraphModule, outer_args) -> dict[str, Node]:
+    """Put a fused region's nodes back in place of its call_module node (untagged); return
+    the new nodes by the names they had in the region (fusing may rename them)."""
     env = dict(
         zip([n for n in sub_gm.graph.nodes if n.op == "placeholder"], outer_args, strict=True)
     )
+    copies: dict[str, Node] = {}
     with gm.graph.inserting_before(call_node):
         for node in sub_gm.graph.nodes:
             if node.op in ("placeholder", "output"):
                 continue
             copy = gm.graph.node_copy(node, env.__getitem__)
             copy.meta.pop(TAG_KEY, None)
-            copy.meta[REASON_KEY] = reason
-            env[node] = copy
+            env[node] = copies[node.name] = copy
     outputs = sub_gm.graph.output_node().args[0]
     for user in list(call_node.users):  # the getitems fusing created
         user.replace_all_uses_with(env[outputs[user.args[1]]])
         gm.graph.erase_node(user)
     gm.graph.erase_node(call_node)
     gm.delete_submodule(call_node.target)
+    return copies
 
 
 def _install(
@@ -321,26 +376,50 @@ def lower_tagged_program(
     on_region: Callable[[str, DelegationSpec], None] | None = None,
     precompiled: Mapping[str, bytes] | None = None,
     notes: Mapping[str, str] | None = None,
+    alternatives: Sequence[DelegationSpec] = (),
+    min_block_size: int = 1,
 ) -> ExportedProgram:
     """Replace every tagged region of `program` (modified in place) by a delegate call.
 
-    A region whose delegate fails to compile stays in PyTorch, with the reason on its nodes
-    (so the delegation report shows it) and `on_fallback(error)` called (default: a logged
-    warning); with `strict=True` the DelegateCompileError is raised instead. `cache`: see
+    A region whose delegate fails to compile it (or whose runtime refuses the result) is
+    salvaged piece by piece (see `_Salvage`): the longest parts that compile stay with its
+    delegate, each node that breaks compilation is offered to the `alternatives` (the other
+    delegates, in priority order) and otherwise stays in PyTorch with the reason on it, and
+    `on_fallback(error)` is called once for the region (default: a logged warning). With
+    `strict=True` the first DelegateCompileError is raised instead. `cache`: see
     compile_segment. `on_region(tag, spec)` is called as each region is done (progress).
     `precompiled`: payloads already compiled for some tags (autotune's winners), used as
     they are. `notes`: per tag, a line for the report (autotune's measurements).
+    `min_block_size`: pieces of a salvaged region with fewer compute nodes stay in PyTorch.
     """
     regions = check_tags(program, tags)
     gm = program.graph_module
     notes = notes or {}
     # Fusing may rename placeholders (stable_topological_sort renames one called `input`).
     remember_input_names(gm)
+    index = 0
 
-    for index, tag in enumerate(regions):
+    def install(tag: str, lowered: LoweredBackendModule, arg_names: list[str] | None) -> None:
+        """Fuse the nodes tagged `tag` and call `lowered` there; with `arg_names`, check
+        that the region has the arguments, in that order, it was compiled with."""
+        nonlocal index
+        call_node, _, _, outer_args, _, _ = _fuse_region(program, tag, index)
+        index += 1
+        names = [_signature_name(a) for a in outer_args]
+        if arg_names is not None and names != arg_names:
+            raise LoweringError(
+                f"internal error: region {tag!r} was compiled with arguments {arg_names} "
+                f"but fuses with {names}; please report it"
+            )
+        hop_node = _install(gm, call_node, lowered, outer_args, tag)
+        if tag in notes:
+            hop_node.meta[TUNING_KEY] = notes[tag]
+
+    for tag in regions:
         call_node, sub_gm, segment, outer_args, mutated_idx, state_idx = _fuse_region(
             program, tag, index
         )
+        index += 1
         try:
             lowered = compile_segment(
                 segment,
@@ -354,26 +433,244 @@ def lower_tagged_program(
         except DelegateCompileError as exc:
             if strict:
                 raise
-            (on_fallback or _log_fallback)(exc)
-            _inline(gm, call_node, sub_gm, outer_args, f"{exc}; kept in PyTorch")
-            lowered = None
-        if on_region is not None:
-            on_region(tag, tags[tag])
-        if lowered is not None:
+            nodes = _inline(gm, call_node, sub_gm, outer_args)
+            salvage = _Salvage(
+                program,
+                tags[tag],
+                tag,
+                cache=cache,
+                alternatives=alternatives,
+                min_block_size=min_block_size,
+                install=install,
+            )
+            (on_fallback or _log_fallback)(salvage.run(nodes, exc))
+        else:
             hop_node = _install(gm, call_node, lowered, outer_args, tag)
             if tag in notes:
                 hop_node.meta[TUNING_KEY] = notes[tag]
+        if on_region is not None:
+            on_region(tag, tags[tag])
 
     gm.graph.lint()
     gm.recompile()
     return rebuild_program(program, gm)
 
 
+class _Salvage:
+    """Delegate what can be delegated of a region that failed to compile.
+
+    The region's nodes are grouped in units (a node with the getitems that read it) in
+    topological order; a prefix or suffix of a region's units is again a region (it cannot
+    form a cycle). From the front: the longest prefix that compiles is found by bisection
+    (probing first at the node the error names, when it names one) and installed; the unit
+    after it is the culprit, offered to the alternative delegates that support it and
+    otherwise kept in PyTorch with its error; then the rest, whole first. Each attempt
+    compiles on a copy of the program as it is at that moment, so what is installed is what
+    was compiled. Attempts per region are bounded; units left when the bound is reached
+    stay in PyTorch.
+    """
+
+    def __init__(self, program, spec, tag, *, cache, alternatives, min_block_size, install) -> None:
+        # Its pieces run between PyTorch nodes and other regions: hybrid specs apply.
+        self.program, self.spec, self.tag = program, with_hybrid_specs(spec), tag
+        self.failed_backend = spec.backend_id
+        self.alternatives = [
+            with_hybrid_specs(a) for a in alternatives if a.backend_id != spec.backend_id
+        ]
+        self.cache, self.min_block_size, self._install = cache, min_block_size, install
+        self._count = 0
+        self.kept: list[str] = []  # node names left in PyTorch
+        self.delegated: dict[str, int] = {}  # piece tag -> nodes
+
+    def _live(self) -> dict[str, Node]:
+        return {n.name: n for n in self.program.graph.nodes}  # fusing makes new Nodes
+
+    def run(self, nodes: Mapping[str, Node], error: DelegateCompileError) -> DelegateCompileError:
+        """Salvage the region whose (inlined) nodes are `nodes`; return one error that says
+        why it failed, what stayed in PyTorch and what was delegated."""
+        renamed = {old: new.name for old, new in nodes.items()}
+        units = _units(list(nodes.values()))
+        budget = 4 * math.ceil(math.log2(len(units) + 1)) + 4
+        rest, failing = units, error
+        while rest:
+            if failing is None:
+                compiled, failing = self._attempt(rest, self.spec)
+                budget -= 1
+                if compiled is not None:
+                    self._take(rest, *compiled)
+                    break
+            # `rest` fails: find the longest prefix that compiles; the unit after it fails.
+            lo, hi, best, culprit_error = 0, len(rest), None, failing
+            hint = _named_unit(failing, rest, renamed)
+            probes = [] if hint is None else [hint, hint + 1]
+            while hi - lo > 1 and budget > 0:
+                while probes and not lo < probes[0] < hi:
+                    probes.pop(0)
+                mid = probes.pop(0) if probes else (lo + hi) // 2
+                compiled, exc = self._attempt(rest[:mid], self.spec)
+                budget -= 1
+                if compiled is not None:
+                    lo, best = mid, compiled
+                else:
+                    hi, culprit_error = mid, exc
+            if best is not None:
+                self._take(rest[:lo], *best)
+            if hi - lo > 1:  # out of attempts: the rest stays in PyTorch
+                self._keep(rest[lo:], culprit_error, prefix="attempts ran out; ")
+                break
+            self._offer(rest[lo], culprit_error)
+            rest, failing, renamed = rest[lo + 1 :], None, {}
+        return self._summary(error)
+
+    def _attempt(self, units, spec):
+        """Compile `units` as one region on a copy: ((tag, lowered, arg names), None) or
+        (None, the error)."""
+        names = {name for unit in units for name in unit}
+        self._count += 1
+        tag = f"{self.tag}_{self._count}"
+        copy = rebuild_program(self.program, copy_graph_module(self.program))
+        for node in copy.graph.nodes:
+            if node.name in names:
+                node.meta[TAG_KEY] = tag
+            else:
+                node.meta.pop(TAG_KEY, None)
+        _, _, segment, outer_args, mutated_idx, state_idx = _fuse_region(copy, tag, 0)
+        try:
+            lowered = compile_segment(
+                segment,
+                spec,
+                tag,
+                mutated_arg_indices=mutated_idx,
+                state_arg_indices=state_idx,
+                cache=self.cache,
+            )
+        except DelegateCompileError as exc:
+            return None, exc
+        return (tag, lowered, [_signature_name(a) for a in outer_args]), None
+
+    def _take(self, units, tag, lowered, arg_names) -> None:
+        """Install a compiled piece (or keep it in PyTorch when below min_block_size)."""
+        names = [name for unit in units for name in unit]
+        live = self._live()
+        if sum(is_compute(live[n]) for n in names) < self.min_block_size:
+            reason = (
+                f"region below min_block_size={self.min_block_size} after region "
+                f"{self.tag!r} was split around nodes its delegate failed to compile"
+            )
+            self._mark(names, reason)
+            return
+        for name in names:
+            live[name].meta[TAG_KEY] = tag
+        self._install(tag, lowered, arg_names)
+        self.delegated[tag] = len(names)
+
+    def _offer(self, unit: list[str], error: DelegateCompileError) -> None:
+        """The culprit, to the first alternative that supports and compiles it, or kept."""
+        tried = []
+        for spec in self.alternatives:
+            delegate = get_delegate(spec.backend_id)
+            if not delegate.is_available():
+                continue
+            live = self._live()
+            ops = [live[n] for n in unit if live[n].target is not operator.getitem]
+            if any(delegate.check_support(node) is not None for node in ops):
+                continue
+            compiled, exc = self._attempt([unit], spec)
+            if compiled is not None:
+                self._take([unit], *compiled)
+                return
+            tried.append(f"{spec.backend_id}: {_reason(exc)}")
+        also = f"; also failed on {'; '.join(tried)}" if tried else ""
+        self._keep([unit], error, suffix=also)
+
+    def _keep(self, units, error, *, prefix: str = "", suffix: str = "") -> None:
+        reason = (
+            f"{prefix}delegate {self.failed_backend!r} failed to compile it "
+            f"(region {self.tag!r}): {_reason(error)}{suffix}"
+        )
+        self._mark([name for unit in units for name in unit], reason)
+
+    def _mark(self, names: list[str], reason: str) -> None:
+        live = self._live()
+        for name in names:
+            live[name].meta[REASON_KEY] = reason
+        self.kept.extend(names)
+
+    def _summary(self, error: DelegateCompileError) -> DelegateCompileError:
+        live = self._live()
+        kept = self.kept
+        shown = ", ".join(f"{name} ({op_name(live[name].target)})" for name in kept[:4])
+        if len(kept) > 4:
+            shown += f" and {len(kept) - 4} more"
+        message = f"{error}; kept in PyTorch: {shown or 'nothing'}"
+        if self.delegated:
+            message += (
+                f"; the other {sum(self.delegated.values())} node(s) delegated in "
+                f"{len(self.delegated)} region(s)"
+            )
+        summary = DelegateCompileError(message)
+        summary.__cause__ = error
+        return summary
+
+
+def _units(nodes: list[Node]) -> list[list[str]]:
+    """Nodes in topological order, each with the getitems that read it (kept together)."""
+    members = set(nodes)
+    units: list[list[str]] = []
+    owner: dict[Node, list[str]] = {}
+    for node in nodes:
+        source = node.args[0] if node.target is operator.getitem and node.args else None
+        if isinstance(source, Node) and source in owner:
+            owner[source].append(node.name)
+            continue
+        unit = [node.name]
+        units.append(unit)
+        if source is None or source not in members:
+            owner[node] = unit
+    return units
+
+
+_NAMED = re.compile(r"(?:%|node '|Node ')(\w+)")
+
+
+def _named_unit(error: BaseException, units: list[list[str]], renamed: Mapping[str, str]):
+    """The index of the unit holding the first node an error (or its causes) names."""
+    where = {name: i for i, unit in enumerate(units) for name in unit}
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        for name in _NAMED.findall(str(error)):
+            index = where.get(renamed.get(name, name))
+            if index is not None:
+                return index
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _reason(error: DelegateCompileError | None) -> str:
+    """What failed, without the segment's own description (the report names the node)."""
+    text = first_line(error) if error is not None else "unknown error"
+    text = re.sub(r"^delegate '[^']*' failed to compile segment '[^']*' \([^)]*\): ", "", text)
+    return re.sub(
+        r"^delegate '[^']*' compiled segment '[^']*' \([^)]*\), but (its runtime)",
+        r"\1",
+        text,
+    )
+
+
+def with_hybrid_specs(spec: DelegationSpec) -> DelegationSpec:
+    """`spec` plus its delegate's `hybrid_compile_specs` for keys it does not set."""
+    specs = {s.key: s.value for s in spec.compile_specs}
+    extra = get_delegate(spec.backend_id).hybrid_compile_specs
+    if all(key in specs for key in extra):
+        return spec
+    specs = {**extra, **specs}
+    return dataclasses.replace(spec, compile_specs=tuple(dict_to_specs(specs)))
+
+
 def hybrid_specs(result: PartitionResult, settings: Settings) -> PartitionResult:
     """Add each delegate's `hybrid_compile_specs` when the program runs more than one region
     or leaves compute in PyTorch (keys the settings set win)."""
-    from nativert.partitioner.capability import is_compute, produces_tensors
-
     tags = result.tags
     program = result.tagged_program
     kept = any(
@@ -384,8 +681,8 @@ def hybrid_specs(result: PartitionResult, settings: Settings) -> PartitionResult
         return result
     new = {}
     for tag, spec in tags.items():
-        extra = get_delegate(spec.backend_id).hybrid_compile_specs
         given = settings.compile_specs.get(spec.backend_id, {})
+        extra = get_delegate(spec.backend_id).hybrid_compile_specs
         specs = {s.key: s.value for s in spec.compile_specs}
         for key, value in extra.items():
             if key not in given:

@@ -59,7 +59,7 @@ class LoweringResult:
 
 
 def fallback_message(exc: DelegateCompileError) -> str:
-    return f"{exc}; the region stays in PyTorch (strict=True raises instead)"
+    return f"{exc} (strict=True raises instead)"
 
 
 def check_partitioner(partitioner: Any) -> Partitioner:
@@ -130,16 +130,21 @@ def lower_program(
         else:
             logger.warning("%s", fallback_message(exc))
 
+    common = dict(
+        strict=settings.strict,
+        cache=cache,
+        on_fallback=fallback,
+        alternatives=alternatives(partitioner),
+        min_block_size=settings.min_block_size,
+    )
     tuning = None
     if settings.autotune and result.tags:
-        lower = functools.partial(
-            lower_tagged_program, strict=settings.strict, cache=cache, on_fallback=fallback
-        )
+        lower = functools.partial(lower_tagged_program, **common)
         lowered, tuning = tune_and_lower(
             result, settings, cache=cache, example_inputs=example_inputs, lower=lower
         )
     else:
-        lowered = _lower(result, settings, cache, fallback)
+        lowered = _lower(result, settings.progress, common)
     if after_lowering:
         lowered = run_passes(lowered, after_lowering).program
     return LoweringResult(
@@ -152,9 +157,19 @@ def lower_program(
     )
 
 
-def _lower(result: PartitionResult, settings: Settings, cache, fallback) -> ExportedProgram:
-    common = dict(strict=settings.strict, cache=cache, on_fallback=fallback)
-    if not settings.progress or not result.tags:
+def alternatives(partitioner: Partitioner) -> tuple[DelegationSpec, ...]:
+    """The delegates a node that breaks its region's compile is offered to, in priority
+    order: those a CapabilityPartitioner assigns to (a custom partitioner's choice is kept)."""
+    if not isinstance(partitioner, CapabilityPartitioner):
+        return ()
+    settings = partitioner.settings
+    return tuple(
+        DelegationSpec(d.backend_id, settings.specs_for(d)) for d in partitioner.candidates()
+    )
+
+
+def _lower(result: PartitionResult, progress: bool, common: dict) -> ExportedProgram:
+    if not progress or not result.tags:
         return lower_tagged_program(result.tagged_program, result.tags, **common)
     from tqdm import tqdm
 

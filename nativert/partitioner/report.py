@@ -15,7 +15,7 @@ from typing import Any
 from torch.export import ExportedProgram
 from torch.fx import Node
 
-from nativert._program.meta import TUNING_KEY
+from nativert._program.meta import SOURCE_OP_KEY, TUNING_KEY
 from nativert.call_delegate import call_delegate, delegate_nodes
 from nativert.partitioner.base import REASON_KEY
 from nativert.partitioner.capability import op_name
@@ -107,7 +107,8 @@ def delegation_report(program: ExportedProgram) -> DelegationReport:
         tuning = call.meta.get(TUNING_KEY, "")
         regions.append(Region(lowered.module_name, lowered.backend_id, len(inner), tuning))
         for node in inner:
-            ops.setdefault(op_name(node.target), Counter())[lowered.backend_id] += 1
+            name = node.meta.get(SOURCE_OP_KEY) or op_name(node.target)
+            ops.setdefault(name, Counter())[lowered.backend_id] += 1
     for node in program.graph.nodes:
         if node.op != "call_function" or _is_delegate_plumbing(node):
             continue

@@ -365,9 +365,12 @@ def test_a_partition_that_fails_to_compile_falls_back_and_is_reported(registered
     (fallback,) = report.fallbacks
     assert "cannot translate node 'shift'" in fallback
     (graph,) = report.graphs
-    assert [r.backend_id for r in graph.report.regions] == ["greedy_ort"]  # b still delegated
-    reasons = graph.report.reasons["aten.linear.default"]
-    assert any("kept in PyTorch" in reason for reason in reasons)
+    # Only the custom op stays in PyTorch: a, and b past the relu, are still delegated.
+    assert [r.backend_id for r in graph.report.regions] == ["greedy_ort"] * 2
+    pytorch = {op for op, by in graph.report.ops.items() if by.get("pytorch")}
+    assert pytorch == {"nativert_test.shift.default", "aten.relu.default"}
+    (reason,) = graph.report.reasons["nativert_test.shift.default"]
+    assert "cannot translate node 'shift'" in reason
 
 
 def test_strict_raises_with_the_reason(registered):

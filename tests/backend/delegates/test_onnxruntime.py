@@ -202,12 +202,17 @@ def test_compile_failure_falls_back_to_pytorch_and_reports_it(caplog):
     with caplog.at_level("WARNING", logger="nativert"):
         program = nativert.to_backend(torch.export.export(model, inputs), ForceEverythingToOrt())
     program.validate()
-    assert nativert.delegate_nodes(program) == []
+    # The region is split around the node ONNX cannot take: a -> [shift] -> relu -> b.
+    assert len(nativert.delegate_nodes(program)) == 2
     (record,) = [r for r in caplog.records if r.name == "nativert"]
     assert "failed to compile segment 'forced'" in record.getMessage()
+    assert "kept in PyTorch: shift" in record.getMessage()
     report = nativert.delegation_report(program)
-    reasons = report.reasons["nativert_test.shift.default"]
-    assert any("cannot translate node 'shift'" in reason for reason in reasons)
+    assert {op for op, by in report.ops.items() if by.get("pytorch")} == {
+        "nativert_test.shift.default"
+    }
+    (reason,) = report.reasons["nativert_test.shift.default"]
+    assert "cannot translate node 'shift'" in reason
     with torch.no_grad():
         assert_close(program.module()(*inputs), model(*inputs))
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.export import ExportedProgram
 
-from nativert._program import weight_names
+from nativert._program import copy_graph_module, rebuild_program, weight_names
 from nativert.delegate import CompileSpec
 from nativert.errors import DelegateCompileError, first_line
 
@@ -142,11 +142,45 @@ def options(compile_specs: Sequence[CompileSpec]) -> dict[str, Any]:
     return values
 
 
+# Ops whose output layout depends on the kernel a trace picks (see _fixed_layouts).
+_LAYOUT_VARIES = (torch.ops.aten.scaled_dot_product_attention.default,)
+
+
+def _fixed_layouts(program: ExportedProgram) -> ExportedProgram:
+    """`program` with a contiguous clone after each op whose output strides depend on the
+    kernel a trace picks (ONNX has no strides: the clone costs nothing there).
+
+    torch.onnx.export traces the segment twice: run_decompositions turns each `reshape` into
+    a `view` where the strides it sees allow one, then its type-promotion pass runs the
+    graph again on fake tensors. SDPA's output is sequence-major in the first trace and
+    head-major in the second, so T5's `transpose(1, 2).reshape(...)` became a view that
+    the second trace rejects ("Cannot view a tensor with shape ...")."""
+    targets = [n for n in program.graph.nodes if n.target in _LAYOUT_VARIES]
+    if not targets:
+        return program
+    gm = copy_graph_module(program)
+    for node in gm.graph.nodes:
+        if node.target not in _LAYOUT_VARIES:
+            continue
+        with gm.graph.inserting_after(node):
+            clone = gm.graph.call_function(
+                torch.ops.aten.clone.default, (node,), {"memory_format": torch.contiguous_format}
+            )
+        node.replace_all_uses_with(clone, delete_user_cb=lambda user, c=clone: user is not c)
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            clone.meta["val"] = val.clone(memory_format=torch.contiguous_format)
+    gm.recompile()
+    return rebuild_program(program, gm)
+
+
 def export(program: ExportedProgram, compile_specs: Sequence[CompileSpec]) -> bytes:
     """The segment as a weight-free ONNX model (bytes)."""
     options(compile_specs)
     try:
-        onnx_program = torch.onnx.export(program, dynamo=True, optimize=False, verbose=False)
+        onnx_program = torch.onnx.export(
+            _fixed_layouts(program), dynamo=True, optimize=False, verbose=False
+        )
     except Exception as exc:
         raise DelegateCompileError(f"torch.onnx.export failed: {_export_failure(exc)}") from exc
     proto = onnx_program.model_proto

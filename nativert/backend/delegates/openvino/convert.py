@@ -29,7 +29,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from nativert._program import placeholder_values, weight_names
+from nativert._program import copy_graph_module, placeholder_values, weight_names
 from nativert.backend.delegates.openvino.payload import Payload, check_untrusted, pack
 from nativert.delegate import CompileSpec
 from nativert.errors import DelegateCompileError
@@ -61,6 +61,21 @@ def options(compile_specs: Sequence[CompileSpec]) -> dict[str, Any]:
     return values
 
 
+def _reshapes_as_views(program: ExportedProgram) -> torch.fx.GraphModule:
+    """The segment's graph module, with `reshape` spelled `view`: lowering turns a segment's
+    views into reshapes (lowering._views_to_reshapes), and the frontend converts only `view`
+    (to a Reshape, which has no strides to check)."""
+    reshape = torch.ops.aten.reshape.default
+    if not any(n.target is reshape for n in program.graph.nodes):
+        return program.graph_module
+    gm = copy_graph_module(program)
+    for node in gm.graph.nodes:
+        if node.target is reshape:
+            node.target = torch.ops.aten.view.default
+    gm.recompile()
+    return gm
+
+
 def _frontend_convert(program: ExportedProgram) -> Any:
     """The segment as an ov.Model whose Parameters are the segment's placeholders."""
     from openvino._offline_transformations import (
@@ -82,7 +97,7 @@ def _frontend_convert(program: ExportedProgram) -> Any:
     frontend = FrontEndManager().load_by_framework("pytorch")
     # The decoder must outlive convert(): the C++ side calls back into it.
     decoder = TorchFXPythonDecoder(
-        program.graph_module, input_shapes=shapes, input_types=types, dynamic_shapes=False
+        _reshapes_as_views(program), input_shapes=shapes, input_types=types, dynamic_shapes=False
     )
     model = frontend.convert(frontend.load(decoder))
     apply_moc_transformations(model, cf=False, smart_reshape=True)
