@@ -32,6 +32,7 @@ from typing import Any
 from torch.export import ExportedProgram
 
 from nativert._program import copy_graph_module, rebuild_program
+from nativert._quiet import quiet
 from nativert.backend.autotune import TuningReport, candidate_settings, tune_and_lower
 from nativert.backend.cache import payload_cache
 from nativert.backend.lowering import hybrid_specs, lower_tagged_program
@@ -108,6 +109,11 @@ def lower_program(
     PyTorch (default: a WARNING on the `nativert` logger); under `settings.strict` the error
     is raised instead.
     """
+    with quiet():
+        return _lower_program(program, settings, partitioner, passes, after_lowering, on_fallback)
+
+
+def _lower_program(program, settings, partitioner, passes, after_lowering, on_fallback):
     start = time.perf_counter()
     if partitioner is None:
         base = candidate_settings(settings) if settings.autotune else settings

@@ -204,3 +204,48 @@ def test_onnxruntime_threads_stop_spinning_only_when_other_code_runs_between_its
         compile_specs={"onnxruntime": {"intra_op_spinning": "always"}},
     )
     assert all(s["intra_op_spinning"] == "always" for s in _specs(chosen))
+
+
+_QUIET_SCRIPT = """
+import torch, transformers, nativert
+torch.manual_seed(0)
+config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64, vocab_size=100)
+model = transformers.BertModel(config).eval()
+ids = torch.randint(0, 100, (2, 8))
+program = torch.export.export(model, (ids,))
+lowered = nativert.to_backend(program, cache_dir=None)
+nativert.Executor(lowered)(ids)
+print("lowered", len(nativert.delegate_nodes(lowered)))
+"""
+
+
+def test_lowering_a_transformer_prints_nothing_but_ours():
+    """torch's LeafSpec FutureWarnings, torch.onnx's 'torchvision is not installed' lines and
+    ONNX Runtime's C++ warnings are silenced around nativert's calls."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _QUIET_SCRIPT], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("lowered "), done.stdout
+    assert done.stderr == ""
+
+
+def test_onnxruntime_sessions_log_errors_only_unless_asked():
+    model, inputs = make("mlp")
+    program = torch.export.export(model, inputs)
+    quiet = nativert.to_backend(program, cache_dir=None)
+    verbose = nativert.to_backend(
+        program, cache_dir=None, compile_specs={"onnxruntime": {"log_severity_level": 2}}
+    )
+    for lowered, level in ((quiet, 3), (verbose, 2)):
+        (module,) = nativert.lowered_modules(lowered)
+        session = module.executor.active_state().session
+        assert session.get_session_options().log_severity_level == level
+    with pytest.raises(nativert.SettingsError, match="'log_severity_level' must be 0"):
+        nativert.to_backend(
+            program, cache_dir=None, compile_specs={"onnxruntime": {"log_severity_level": 7}}
+        )

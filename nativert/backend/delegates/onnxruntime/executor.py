@@ -28,7 +28,9 @@ from torch.fx import Node
 
 from nativert._program import placeholder_values, validate_weights, weight_names
 from nativert.backend.delegates.onnxruntime.export import (
+    DEFAULT_LOG_SEVERITY,
     DEFAULT_SPINNING,
+    LOG_SEVERITY,
     SPINNING,
     SPINNING_MODES,
     THREADS,
@@ -139,6 +141,7 @@ class OnnxRuntimeExecutor(StagedWeights):
         specs = options(compile_specs)
         self._threads = int(specs.get(THREADS, torch.get_num_threads()))
         self._spinning = SPINNING_MODES[specs.get(SPINNING, DEFAULT_SPINNING)]
+        self._log_severity = int(specs.get(LOG_SEVERITY, DEFAULT_LOG_SEVERITY))
         self._reference = reference
         self.weight_names = weight_names(reference)
         values = placeholder_values(reference)
@@ -160,6 +163,7 @@ class OnnxRuntimeExecutor(StagedWeights):
         ort = self._ort
         so = ort.SessionOptions()
         so.intra_op_num_threads = self._threads
+        so.log_severity_level = self._log_severity
         so.add_session_config_entry("session.intra_op.allow_spinning", self._spinning)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Shared, not copied: ORT reads the torch tensors, which must outlive the session.

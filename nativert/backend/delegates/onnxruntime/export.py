@@ -115,11 +115,21 @@ THREADS = "intra_op_num_threads"
 SPINNING = "intra_op_spinning"
 SPINNING_MODES = {"always": "1", "never": "0"}
 DEFAULT_SPINNING = "always"
-SPEC_KEYS = (THREADS, SPINNING)
+# ONNX Runtime's C++ log for the session: 0 verbose, 1 info, 2 warning, 3 error (default:
+# its constant-folding notes, "Could not find a CPU kernel and hence can't constant fold",
+# say nothing about the model), 4 fatal.
+LOG_SEVERITY = "log_severity_level"
+DEFAULT_LOG_SEVERITY = 3
+SPEC_KEYS = (THREADS, SPINNING, LOG_SEVERITY)
 
 
 def check_values(values: Mapping[str, Any]) -> None:
     """Raise ValueError naming a compile spec whose value is not one it takes."""
+    severity = values.get(LOG_SEVERITY, DEFAULT_LOG_SEVERITY)
+    if isinstance(severity, bool) or severity not in range(5):
+        raise ValueError(
+            f"compile spec {LOG_SEVERITY!r} must be 0 (verbose) to 4 (fatal), got {severity!r}"
+        )
     spinning = values.get(SPINNING, DEFAULT_SPINNING)
     if not isinstance(spinning, str) or spinning not in SPINNING_MODES:
         raise ValueError(
