@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import types
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -101,9 +102,10 @@ class Settings:
         help="payload cache ('default': $NATIVERT_CACHE_DIR or ~/.cache/nativert; None: off)",
         cli=Cli("--cache-dir", "path", "DIR|none"),
     )
-    progress: bool = _setting(
-        False,
-        help="show a progress bar over the regions as they compile (on stderr)",
+    progress: bool | None = _setting(
+        None,
+        help="show a progress bar over the regions as they compile, on stderr (default: "
+        "when stderr is a terminal)",
         cli=Cli("--progress", "bool"),
     )
     autotune: bool = _setting(
@@ -129,6 +131,8 @@ class Settings:
         if self.num_threads is not None:
             _int(self.num_threads, "num_threads", minimum=1)
         for name in ("strict", "progress", "autotune"):
+            if name == "progress" and self.progress is None:
+                continue
             if not isinstance(getattr(self, name), bool):
                 raise SettingsError(
                     f"setting {name} must be True or False, got {getattr(self, name)!r}"
@@ -144,6 +148,14 @@ class Settings:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
             raise SettingsError(f"setting autotune_budget_s must be a number > 0, got {budget!r}")
         set_(self, "autotune_budget_s", float(budget))
+
+    @property
+    def show_progress(self) -> bool:
+        """`progress`, or when it is None (the default) whether stderr is a terminal."""
+        if self.progress is not None:
+            return self.progress
+        isatty = getattr(sys.stderr, "isatty", None)
+        return bool(isatty and isatty())
 
     @classmethod
     def names(cls) -> list[str]:

@@ -204,12 +204,24 @@ def test_every_setting_works_the_same_on_every_surface(name, pipeline_settings, 
         assert got == expected, f"{surface} gave {name}={got!r}, expected {expected!r}"
 
 
-def test_cli_progress_defaults_on_and_can_be_turned_off(pipeline_settings, tmp_path):
-    for args, expected in (([], True), (["--no-progress"], False)):
+def test_progress_defaults_to_whether_stderr_is_a_terminal(pipeline_settings, tmp_path):
+    for args, expected in (([], None), (["--no-progress"], False), (["--progress"], True)):
         pipeline_settings.clear()
         with pytest.raises(_Stop):
             _through_cli(args, tmp_path)
         assert pipeline_settings[0].progress is expected
+
+
+@pytest.mark.parametrize("isatty", [True, False])
+def test_show_progress_follows_the_terminal_unless_set(monkeypatch, isatty):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: isatty, raising=False)
+    assert nativert.Settings().show_progress is isatty
+    assert nativert.Settings(progress=False).show_progress is False
+    assert nativert.Settings(progress=True).show_progress is True
+    with pytest.raises(nativert.SettingsError, match="progress must be True or False"):
+        nativert.Settings(progress="yes")
 
 
 def _causes(exc: BaseException) -> list[type]:

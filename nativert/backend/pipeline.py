@@ -150,7 +150,7 @@ def _lower_program(program, settings, partitioner, passes, after_lowering, on_fa
             result, settings, cache=cache, example_inputs=example_inputs, lower=lower
         )
     else:
-        lowered = _lower(result, settings.progress, common)
+        lowered = _lower(result, settings.show_progress, common)
     if after_lowering:
         lowered = run_passes(lowered, after_lowering).program
     return LoweringResult(

@@ -2,7 +2,10 @@
 
 Built from a lowered program alone: delegated nodes are read from each lowered module's
 reference program, the rest from the top-level graph, with the reasons the partitioner left in
-node.meta. Counts add up to the compute nodes of the program before lowering.
+node.meta. Counts add up to the nodes of the program before lowering, with one rule
+everywhere (lowering, `nativert inspect`, a loaded package): every call_function node except
+`getitem`s, which only pick one output of a multi-output op (and which a package's graphs
+may spell differently).
 """
 
 from __future__ import annotations
@@ -62,7 +65,31 @@ class DelegationReport:
             "regions": [dataclasses.asdict(r) for r in self.regions],
             "ops": self.ops,
             "reasons": self.reasons,
+            "headline": self.headline,
         }
+
+    def by_reason(self) -> dict[str, dict[str, int]]:
+        """`reasons` turned around: per reason, the ops it kept in PyTorch and how many."""
+        grouped: dict[str, dict[str, int]] = {}
+        for op, by in self.reasons.items():
+            for reason, n in by.items():
+                grouped.setdefault(reason, {})[op] = n
+        return grouped
+
+    @property
+    def headline(self) -> str | None:
+        """One line when less than 90% is delegated: the share, and the reason that kept the
+        most nodes in PyTorch."""
+        total, delegated = self.total_nodes, self.delegated_nodes
+        if not total or delegated >= 0.9 * total:
+            return None
+        kept = total - delegated
+        counts = {reason: sum(ops.values()) for reason, ops in self.by_reason().items()}
+        share = f"only {100 * delegated / total:.0f}% delegated"
+        if not counts:
+            return share
+        reason, n = max(counts.items(), key=lambda item: item[1])
+        return f"{share}; {n} of the {kept} nodes in PyTorch: {reason}"
 
     def __str__(self) -> str:
         total, delegated = self.total_nodes, self.delegated_nodes
@@ -71,6 +98,8 @@ class DelegationReport:
             f"Delegation report: {delegated} of {total} nodes delegated ({share}) "
             f"in {len(self.regions)} region(s)"
         ]
+        if self.headline:
+            lines.append(f"  ! {self.headline}")
         for region in self.regions:
             lines.append(f"  {region.name:<24} {region.backend_id:<14} {region.num_nodes} nodes")
             if region.tuning:
@@ -83,9 +112,9 @@ class DelegationReport:
             lines.append(f"  {op.ljust(width)}{counts}")
         if self.reasons:
             lines.append("  kept in PyTorch, and why:")
-            for op in sorted(self.reasons):
-                for reason, n in sorted(self.reasons[op].items()):
-                    lines.append(f"    {op} x{n}: {reason}")
+            for reason, ops in sorted(self.by_reason().items()):
+                counted = ", ".join(f"{op} x{n}" for op, n in sorted(ops.items()))
+                lines.append(f"    {counted}: {reason}")
         return "\n".join(lines)
 
 
@@ -103,14 +132,20 @@ def delegation_report(program: ExportedProgram) -> DelegationReport:
     regions = []
     for call in delegate_nodes(program):
         lowered = program.graph_module.get_submodule(call.args[0].target)
-        inner = [n for n in lowered.original_module.graph.nodes if n.op == "call_function"]
+        inner = [
+            n
+            for n in lowered.original_module.graph.nodes
+            if n.op == "call_function" and n.target is not operator.getitem
+        ]
         tuning = call.meta.get(TUNING_KEY, "")
         regions.append(Region(lowered.module_name, lowered.backend_id, len(inner), tuning))
         for node in inner:
             name = node.meta.get(SOURCE_OP_KEY) or op_name(node.target)
             ops.setdefault(name, Counter())[lowered.backend_id] += 1
     for node in program.graph.nodes:
-        if node.op != "call_function" or _is_delegate_plumbing(node):
+        if node.op != "call_function" or node.target is operator.getitem:
+            continue
+        if _is_delegate_plumbing(node):
             continue
         name = op_name(node.target)
         ops.setdefault(name, Counter())[PYTORCH] += 1

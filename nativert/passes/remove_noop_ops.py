@@ -4,6 +4,8 @@ Problem: export and decomposition leave clones, aliases, detaches, `_to_copy` to
 dtype and device, views/reshapes/expands to the same shape, and slices that take everything.
 Each is a node a delegate must support and a copy or dispatch at run time.
 
+Also removes `_assert_tensor_metadata` checks (see _METADATA_CHECKS).
+
 Guarantees: a node is replaced by its input only when the values are provably identical
 (shapes compared without adding guards) and the node does not feed the program's output
 directly (so an output never becomes an alias of an input). Values are unchanged.
@@ -71,10 +73,20 @@ def _is_noop(node: Node) -> bool:
     return False
 
 
+# Checks export records for `.to(dtype)` calls: that an intermediate has the dtype and device
+# its fake value says. A program's types are fixed by its signature (inputs are checked on
+# every call), so they check nothing, and each is a PyTorch node between delegate regions.
+_METADATA_CHECKS = {aten._assert_tensor_metadata.default}
+
+
 def remove_noop_ops(program: ExportedProgram) -> PassResult:
     gm = copy_graph_module(program)
     modified = False
     for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _METADATA_CHECKS and not node.users:
+            gm.graph.erase_node(node)
+            modified = True
+            continue
         if node.op != "call_function" or not _is_noop(node):
             continue
         if any(user.op == "output" for user in node.users):
