@@ -42,21 +42,117 @@ def _load_factory(spec: str):
     return factory
 
 
-def _model_and_args(factory, spec: str):
+def _model_and_args(factory, spec: str) -> tuple[torch.nn.Module, tuple, dict[str, Any]]:
+    """FACTORY() -> (model, example_args, example_kwargs); the factory returns
+    (model, args) or (model, args, kwargs), a lone tensor standing for (tensor,)."""
     try:
         made = factory()
     except Exception as exc:
         raise CliError(f"{spec}: the factory raised {type(exc).__name__}: {exc}") from exc
-    if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):
+    if not (
+        isinstance(made, tuple) and len(made) in (2, 3) and isinstance(made[0], torch.nn.Module)
+    ):
+        got = type(made).__name__
+        if isinstance(made, tuple):
+            got = f"({', '.join(type(item).__name__ for item in made)})"
         raise CliError(
-            f"{spec}: the factory must return (model, example_args), got {type(made).__name__}"
+            f"{spec}: the factory must return (model, example_args) or "
+            f"(model, example_args, example_kwargs) with model a torch.nn.Module, got {got}"
         )
-    model, example = made
+    model, example = made[:2]
+    kwargs = made[2] if len(made) == 3 else {}
     if isinstance(example, torch.Tensor):
         example = (example,)
     if not isinstance(example, tuple):
         raise CliError(f"{spec}: example_args must be a tuple, got {type(example).__name__}")
-    return model, example
+    if not isinstance(kwargs, dict):
+        raise CliError(f"{spec}: example_kwargs must be a dict, got {type(kwargs).__name__}")
+    names = [name for name in kwargs if not isinstance(name, str)]
+    if names:
+        raise CliError(f"{spec}: example_kwargs keys must be argument names, got {names[0]!r}")
+    return model, example, kwargs
+
+
+def _dynamic_batch(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], spec: str):
+    """(args, kwargs, dynamic_shapes) with dim 0 of every top-level tensor input whose dim 0
+    is the batch (the first such tensor's) one dynamic `batch` dim. An example batch of 1
+    becomes a batch-2 copy: export specializes a dim whose example size is 1."""
+    import inspect
+
+    inputs = [*args, *kwargs.values()]
+    first = next((v for v in inputs if isinstance(v, torch.Tensor) and v.dim()), None)
+    if first is None:
+        raise CliError(f"{spec}: --dynamic-batch needs a tensor input with a dim 0")
+    size = first.shape[0]
+
+    def is_batched(value: Any, size: int) -> bool:
+        return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size
+
+    if size == 1:
+        print("example batch is 1; exporting with a batch-2 copy so the batch dim stays dynamic")
+
+        def grow(value: Any) -> Any:
+            if is_batched(value, 1):
+                return value.repeat(2, *([1] * (value.dim() - 1)))
+            return value
+
+        args = tuple(grow(a) for a in args)
+        kwargs = {name: grow(v) for name, v in kwargs.items()}
+        size = 2
+    batch = torch.export.Dim("batch")
+
+    def shape_of(value: Any) -> Any:
+        return {0: batch} if is_batched(value, size) else None
+
+    # Keyed by forward's parameter names: the one dynamic_shapes form that covers kwargs.
+    signature = inspect.signature(model.forward)
+    try:
+        bound = signature.bind(*args, **kwargs).arguments
+    except TypeError as exc:
+        raise CliError(
+            f"{spec}: the example inputs do not fit {type(model).__name__}.forward: {exc}"
+        ) from exc
+    dynamic: dict[str, Any] = {}
+    for name, value in bound.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            dynamic[name] = tuple(shape_of(v) for v in value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            dynamic[name] = {k: shape_of(v) for k, v in value.items()}
+        else:
+            dynamic[name] = shape_of(value)
+    return args, kwargs, dynamic
+
+
+def _export_error(exc: Exception, spec: str) -> CliError:
+    """One line (the CLI prints only the first): torch's reasons and suggested fixes for a
+    constraint violation, the first line of the message otherwise."""
+    text = str(exc).strip()
+    lines = text.splitlines()
+    head = lines[0] if lines else ""
+    if "Constraints violated" in head:
+        # "  - You marked batch as dynamic but your code specialized it to be a constant (4).
+        # If you're using mark_dynamic, ..." : the first sentence is the reason; the advice
+        # after it is about torch's Python API, not this command.
+        reasons = [
+            line.strip()[2:].split(". ")[0].rstrip(".")
+            for line in lines
+            if line.strip().startswith("- ")
+        ]
+        fixes: list[str] = []
+        if "Suggested fixes:" in lines:
+            for line in lines[lines.index("Suggested fixes:") + 1 :]:
+                if not line.strip():
+                    break
+                fixes.append(line.strip())
+        detail = "; ".join(reasons) or head
+        if fixes:
+            detail += f" (suggested fixes: {', '.join(fixes)})"
+        return CliError(
+            f"torch.export could not keep the batch dim of {spec} dynamic: {detail}; "
+            "lower it without --dynamic-batch for a fixed batch size"
+        )
+    return CliError(f"torch.export failed for {spec}: {type(exc).__name__}: {head}")
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -124,23 +220,17 @@ def lower(args: argparse.Namespace) -> int:
     import nativert
 
     factory = _load_factory(args.factory)
-    model, example = _model_and_args(factory, args.factory)
+    model, example, kwargs = _model_and_args(factory, args.factory)
     dynamic = None
     if args.dynamic_batch:
-        batch = torch.export.Dim("batch")
-        dynamic = tuple(
-            {0: batch} if isinstance(a, torch.Tensor) and a.dim() else None for a in example
-        )
+        example, kwargs, dynamic = _dynamic_batch(model, example, kwargs, args.factory)
     try:
-        program = torch.export.export(model.eval(), example, dynamic_shapes=dynamic)
+        program = torch.export.export(model.eval(), example, kwargs=kwargs, dynamic_shapes=dynamic)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CliError(
-            f"torch.export failed for {args.factory}: {type(exc).__name__}: {first}"
-        ) from exc
+        raise _export_error(exc, args.factory) from exc
     from nativert.backend import pipeline
 
-    settings = settings_from_args(args, nativert.Settings(progress=True))
+    settings = settings_from_args(args, nativert.Settings())
     result = pipeline.lower_program(program, settings)
     delegated = result.program
     if result.tuning is not None:

@@ -86,11 +86,17 @@ def test_lower_inspect_and_bench_a_user_factory(tmp_path):
 
     (tmp_path / "factories.py").write_text(FACTORIES)
     lowered = nativert_cli(
-        "lower", "factories.py:make", "-o", "m.pt2", "--dynamic-batch", cwd=tmp_path
+        "lower",
+        "factories.py:make",
+        "-o",
+        "m.pt2",
+        "--dynamic-batch",
+        "--progress",
+        cwd=tmp_path,
     )
     assert lowered.returncode == 0, lowered.stderr
     assert "Delegation report: 3 of 3 nodes delegated" in lowered.stdout
-    assert "compiling partitions" in lowered.stderr  # the progress bar
+    assert "compiling partitions" in lowered.stderr  # the progress bar, asked for (no tty)
     assert (tmp_path / "m.pt2").is_file()
 
     inspected = nativert_cli("inspect", "m.pt2", "--json", cwd=tmp_path)
@@ -157,3 +163,133 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
         assert "Traceback" not in result.stderr, args
     debug = nativert_cli("--debug", "inspect", "missing.pt2", cwd=tmp_path)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+BATCH_ONE_FACTORIES = """
+import torch
+import transformers
+
+
+def linear():
+    torch.manual_seed(0)
+    return torch.nn.Linear(8, 2), (torch.randn(1, 8),)
+
+
+class FixedBatch(torch.nn.Module):
+    def forward(self, x):
+        return x.reshape(4, -1)
+
+
+def fixed_batch():
+    return FixedBatch(), (torch.randn(4, 8),)
+
+
+def bert():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+    )
+    model = transformers.BertModel(config).eval()
+    input_ids = torch.randint(0, 100, (1, 7))
+    return model, (), {"input_ids": input_ids, "attention_mask": torch.ones(1, 7, dtype=torch.long)}
+
+
+def kwargs_not_a_dict():
+    return torch.nn.Linear(8, 2), (torch.randn(2, 8),), [1]
+
+
+def kwargs_not_names():
+    return torch.nn.Linear(8, 2), (), {0: torch.randn(2, 8)}
+
+
+def kwargs_not_parameters():
+    return torch.nn.Linear(8, 2), (), {"inputs": torch.randn(2, 8)}
+"""
+
+
+def test_lower_dynamic_batch_from_a_batch_one_example(tmp_path):
+    import torch
+
+    import nativert
+
+    (tmp_path / "factories.py").write_text(BATCH_ONE_FACTORIES)
+    lowered = nativert_cli(
+        "lower", "factories.py:linear", "-o", "m.pt2", "--dynamic-batch", cwd=tmp_path
+    )
+    assert lowered.returncode == 0, lowered.stderr
+    assert "example batch is 1; exporting with a batch-2 copy" in lowered.stdout
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    executor = nativert.Executor(nativert.load(tmp_path / "m.pt2"))
+    for batch in (1, 5):
+        x = torch.randn(batch, 8)
+        with torch.no_grad():
+            got, want = executor(x), model(x)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_lower_dynamic_batch_constraint_violation_says_why(tmp_path):
+    (tmp_path / "factories.py").write_text(BATCH_ONE_FACTORIES)
+    result = nativert_cli(
+        "lower", "factories.py:fixed_batch", "-o", "m.pt2", "--dynamic-batch", cwd=tmp_path
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert "could not keep the batch dim" in error, result.stderr
+    assert "specialized it to be a constant (4)" in error, error  # torch's reason
+    assert "suggested fixes: batch = 4" in error, error
+    assert "without --dynamic-batch" in error, error
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        ("kwargs_not_a_dict", "example_kwargs must be a dict, got list"),
+        ("kwargs_not_names", "example_kwargs keys must be argument names, got 0"),
+        ("kwargs_not_parameters", r"the example inputs do not fit Linear.forward"),
+    ],
+)
+def test_lower_rejects_bad_example_kwargs(tmp_path, factory, message):
+    (tmp_path / "factories.py").write_text(BATCH_ONE_FACTORIES)
+    result = nativert_cli(
+        "lower", f"factories.py:{factory}", "-o", "m.pt2", "--dynamic-batch", cwd=tmp_path
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert message in error, error
+
+
+def test_lower_a_transformers_model_from_example_kwargs(tmp_path):
+    import runpy
+
+    import torch
+
+    import nativert
+
+    pytest.importorskip("transformers")
+    (tmp_path / "factories.py").write_text(BATCH_ONE_FACTORIES)
+    lowered = nativert_cli(
+        "lower", "factories.py:bert", "-o", "bert.pt2", "--dynamic-batch", cwd=tmp_path
+    )
+    assert lowered.returncode == 0, lowered.stderr
+    assert "example batch is 1; exporting with a batch-2 copy" in lowered.stdout
+
+    model, _, _ = runpy.run_path(str(tmp_path / "factories.py"))["bert"]()
+    executor = nativert.Executor(nativert.load(tmp_path / "bert.pt2", plain_containers=True))
+    for batch in (1, 3):
+        input_ids = torch.randint(0, 100, (batch, 7))
+        attention_mask = torch.ones(batch, 7, dtype=torch.long)
+        attention_mask[-1, 5:] = 0  # padding in the last row
+        with torch.no_grad():
+            got = executor(input_ids=input_ids, attention_mask=attention_mask)
+            want = model(input_ids=input_ids, attention_mask=attention_mask)
+        for name in ("last_hidden_state", "pooler_output"):
+            g, w = got[name], want[name]
+            assert g.shape == w.shape and g.dtype == w.dtype, (name, batch)
+            error = (g - w).abs().max().item()
+            assert error <= 1e-4, (name, batch, error)
