@@ -48,9 +48,12 @@ def program_from_graph(
         (state_dict if persistent else constants)[spec.target] = tensors[spec.target]
     input_specs += [InputSpec(InputKind.USER_INPUT, argument(n), None) for n in user]
     outputs = list(gm.graph.output_node().args[0])
+    # Root inputs and outputs left empty, as torch.export leaves them: named, they go stale
+    # when a later run_decompositions replaces an output node (var_mean's getitems), and the
+    # verifier then rejects the program ("Output getitem does not exist in the graph").
     signature = ModuleCallSignature(
-        inputs=[argument(n) for n in user],
-        outputs=[argument(n) for n in outputs],
+        inputs=[],
+        outputs=[],
         in_spec=pytree.tree_flatten((tuple(n.meta.get("val") for n in user), {}))[1],
         out_spec=pytree.tree_flatten(tuple(n.meta.get("val") for n in outputs))[1],
     )
