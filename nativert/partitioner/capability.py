@@ -182,10 +182,16 @@ class CapabilityPartitioner:
                 if self._big_enough(nodes):
                     regions.append((backend_id, nodes))
                 else:
+                    reason = (
+                        f"region below min_block_size={self.settings.min_block_size}"
+                        if any(is_compute(n) for n in nodes)
+                        # The partitioner merges views into any region they can join; these
+                        # sit between PyTorch nodes, or joining would close a cycle.
+                        else "only views here: no region they can join (their neighbours "
+                        "stay in PyTorch, or joining would form a cycle)"
+                    )
                     for node in nodes:
-                        node.meta[REASON_KEY] = (
-                            f"region below min_block_size={self.settings.min_block_size}"
-                        )
+                        node.meta[REASON_KEY] = reason
 
         specs = {d.backend_id: self.settings.specs_for(d) for d in delegates}
         tags: dict[str, DelegationSpec] = {}

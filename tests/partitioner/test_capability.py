@@ -153,6 +153,20 @@ def test_allow_single_node_ops_keeps_small_regions(registered):
     assert len(region_ops(lower(AddChain(), (x,), allowed))) == 2
 
 
+def test_a_view_between_nodes_kept_in_pytorch_says_so():
+    class SinViewSin(nn.Module):
+        def forward(self, x):
+            return torch.sin(torch.sin(x).view(-1))
+
+    x = torch.randn(2, 4)
+    partitioner = nativert.CapabilityPartitioner(["onnxruntime"], exclude_ops=["aten::sin"])
+    program = lower(SinViewSin(), (x,), partitioner)
+    assert nativert.delegate_nodes(program) == []
+    reasons = set(kept(program).values())
+    assert reasons == {"excluded by user", next(r for r in reasons if r.startswith("only views"))}
+    assert_close(program.module()(x), SinViewSin()(x))
+
+
 def test_views_and_getitems_do_not_count_toward_min_block_size():
     model = nn.Linear(4, 4)
     x = torch.randn(2, 4)
