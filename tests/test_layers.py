@@ -12,7 +12,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nativert"
 
 # Bottom up. A module may import from its own layer and those below it.
 LAYERS = [
-    ("nativert.errors", "nativert._version", "nativert._program", "nativert.models"),
+    (
+        "nativert.errors",
+        "nativert._version",
+        "nativert._program",
+        "nativert.models",
+        "nativert._quiet",
+    ),
     ("nativert.delegate",),
     ("nativert.settings",),
     ("nativert.call_delegate", "nativert._dynamo_hop", "nativert.lowered"),

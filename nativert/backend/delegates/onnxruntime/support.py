@@ -28,6 +28,10 @@ PRESERVED = (
     # One ONNX LSTM op instead of the hundreds of core ATen ops decomposition unrolls it into
     # (x3.4 faster than eager vs x0.83 unrolled, benchmarks/suite.py).
     aten.lstm.input,
+    # One ONNX Resize instead of the index/clamp arithmetic decomposition makes of them (the
+    # torch.compile path decomposed DeepLabV3's upsampling into ~30 nodes).
+    aten.upsample_bilinear2d.vec,
+    aten.upsample_nearest2d.vec,
 )
 
 CANDIDATES = (
