@@ -254,13 +254,17 @@ def test_lower_dynamic_batch_constraint_violation_says_why(tmp_path):
         ("kwargs_not_parameters", r"the example inputs do not fit Linear.forward"),
     ],
 )
-def test_lower_rejects_bad_example_kwargs(tmp_path, factory, message):
+def test_lower_rejects_bad_example_kwargs(tmp_path, factory, message, capsys):
+    """In process (the subprocess path is covered above): main() prints one error line."""
+    from nativert.cli import main
+
     (tmp_path / "factories.py").write_text(BATCH_ONE_FACTORIES)
-    result = nativert_cli(
-        "lower", f"factories.py:{factory}", "-o", "m.pt2", "--dynamic-batch", cwd=tmp_path
-    )
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    (error,) = [line for line in result.stderr.splitlines() if "error:" in line]
+    factory_spec = f"{tmp_path / 'factories.py'}:{factory}"
+    output = str(tmp_path / "m.pt2")
+    assert main(["lower", factory_spec, "-o", output, "--dynamic-batch"]) == 1
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    (error,) = [line for line in stderr.splitlines() if "error:" in line]
     assert message in error, error
 
 

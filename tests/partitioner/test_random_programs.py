@@ -106,7 +106,7 @@ def not_sin():
 
 @pytest.mark.slow
 @settings(
-    max_examples=200,
+    max_examples=120,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
