@@ -36,7 +36,7 @@ from nativert.backend.runtime.profile import ProfileRow, ProfileTable
 from nativert.backend.runtime.tokens import remove_effect_tokens
 from nativert.backend.runtime.weights import validate_update
 from nativert.call_delegate import call_delegate
-from nativert.errors import NativertError
+from nativert.errors import NativertError, WeightsError
 from nativert.lowered import LoweredBackendModule
 
 
@@ -45,6 +45,14 @@ class _Generation:
     weights: tuple[torch.Tensor, ...]  # every weight's tensor, in signature order
     states: tuple[Any, ...]  # each delegate's committed state, in delegate order
     graph_weights: tuple[torch.Tensor, ...]  # those the prepared graph still reads
+    version: int  # which weights these are: 0 as loaded, then one more per commit
+
+
+@dataclasses.dataclass(frozen=True)
+class _Staged:
+    weights: dict[str, torch.Tensor]
+    runners: tuple[_DelegateRunner, ...]
+    version: int
 
 
 class _DelegateRunner:
@@ -124,7 +132,8 @@ class Executor:
         for runner in self._runners:
             runner.stage(weights)
             runner.executor.commit_weights()
-        self._gen = self._generation(weights)
+        self._gen = self._generation(weights, 0)
+        self._staged: _Staged | None = None
         # Required in a strict update: what the program's state_dict holds (parameters and
         # persistent buffers); constants and non-persistent buffers may be given or not.
         self._required = frozenset(program.state_dict)
@@ -132,7 +141,8 @@ class Executor:
         self._forward = self._gm.forward
         self._pack = self._make_pack()
         self._mutates = bool(self._buffer_mutations or self._input_mutations)
-        self._update_lock = threading.Lock()
+        # Reentrant: update_weights holds it across stage_weights and commit_weights.
+        self._update_lock = threading.RLock()
         if num_frames is not None and num_frames < 1:
             raise NativertError(f"num_frames must be >= 1, got {num_frames}")
         self._max_frames = num_frames or 2 * (os.cpu_count() or 1)
@@ -144,13 +154,14 @@ class Executor:
         self._peak_lock = threading.Lock()
         self._peak = 0
 
-    def _generation(self, weights: Mapping[str, torch.Tensor]) -> _Generation:
+    def _generation(self, weights: Mapping[str, torch.Tensor], version: int) -> _Generation:
         """The weights and every delegate's active state, as one snapshot."""
         ordered = tuple(weights[n] for n in self._weight_names)
         return _Generation(
             ordered,
             tuple(r.executor.active_state() for r in self._runners),
             tuple(ordered[i] for i in self._graph_weights),
+            version,
         )
 
     # -- preparation -----------------------------------------------------------------------
@@ -211,10 +222,18 @@ class Executor:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._pack(self.run_flat(self._inputs.flatten(args, kwargs)))
 
+    def call_versioned(self, *args: Any, **kwargs: Any) -> tuple[Any, int]:
+        """`(outputs, weights_version)`: what `executor(*args, **kwargs)` returns, and the
+        version of the weights that computed it (a server reports it with the result)."""
+        gen = self._gen  # read once: the version is the one the call ran on
+        return self._pack(self._run(self._inputs.flatten(args, kwargs), gen)), gen.version
+
     def run_flat(self, flat: Sequence[Any]) -> tuple[Any, ...]:
         """Run on the flat user inputs, in placeholder order, without checking them (callers
         that guard inputs themselves, like torch.compile); return every graph output."""
-        gen = self._gen  # one snapshot for the whole call
+        return self._run(flat, self._gen)  # one snapshot for the whole call
+
+    def _run(self, flat: Sequence[Any], gen: _Generation) -> tuple[Any, ...]:
         frames = self._frames
         frames.get()
         try:
@@ -263,16 +282,50 @@ class Executor:
         """The current weights, by name (the tensors in use, not copies)."""
         return dict(zip(self._weight_names, self._gen.weights, strict=True))
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True):
+    @property
+    def weights_version(self) -> int:
+        """The version of the weights new calls run on: 0 as built, then the version each
+        commit gave (by default one more than the last)."""
+        return self._gen.version
+
+    def update_weights(
+        self,
+        state_dict: Mapping[str, torch.Tensor],
+        *,
+        strict: bool = True,
+        version: int | None = None,
+    ):
         """Swap in new weights for the program and every delegate, all at once.
 
         Validates names, shapes and dtypes, stages every affected delegate
         (`process_weights`), and only if all succeed commits them and publishes the new
         generation. Any failure commits nothing and raises. Calls in flight finish on the
         weights they started with. With `strict=False`, names not given keep their weights.
-        Returns the (missing, unexpected) names, like `load_state_dict`.
+        Returns the (missing, unexpected) names, like `load_state_dict`. The new weights get
+        `version` (default: the current version + 1). The same as `stage_weights` then
+        `commit_weights`, which several Executors (a fleet of servers) use to switch together.
         """
         with self._update_lock:
+            result = self.stage_weights(state_dict, strict=strict, version=version)
+            self.commit_weights()
+            return result
+
+    def stage_weights(
+        self,
+        state_dict: Mapping[str, torch.Tensor],
+        *,
+        strict: bool = True,
+        version: int | None = None,
+    ) -> tuple[list[str], list[str]]:
+        """Phase one of `update_weights`: validate and stage every affected delegate, without
+        switching. Calls keep running on the current weights until `commit_weights`;
+        `discard_weights` drops what was staged. One update may be staged at a time."""
+        with self._update_lock:
+            if self._staged is not None:
+                raise WeightsError(
+                    f"weights version {self._staged.version} are staged already: commit or "
+                    "discard them before staging others"
+                )
             current = self.weights()
             missing, unexpected = validate_update(
                 current, state_dict, strict=strict, required=self._required
@@ -288,10 +341,31 @@ class Executor:
                 for runner in staged:
                     runner.executor.discard_weights()
                 raise
-            for runner in staged:
-                runner.executor.commit_weights()
-            self._gen = self._generation(new)
+            self._staged = _Staged(
+                new, tuple(staged), self._gen.version + 1 if version is None else version
+            )
             return missing, unexpected
+
+    def commit_weights(self) -> int:
+        """Phase two: switch every staged delegate and publish the staged weights to new
+        calls, at once; return their version."""
+        with self._update_lock:
+            staged = self._staged
+            if staged is None:
+                raise WeightsError("commit_weights: nothing is staged (call stage_weights first)")
+            for runner in staged.runners:
+                runner.executor.commit_weights()
+            self._gen = self._generation(staged.weights, staged.version)
+            self._staged = None
+            return staged.version
+
+    def discard_weights(self) -> None:
+        """Drop staged weights (if any): the current ones stay."""
+        with self._update_lock:
+            staged, self._staged = self._staged, None
+            if staged is not None:
+                for runner in staged.runners:
+                    runner.executor.discard_weights()
 
     # -- profiling -------------------------------------------------------------------------
     def profile(self, *args: Any, warmup: int = 3, runs: int = 20, **kwargs: Any) -> ProfileTable:

@@ -135,6 +135,31 @@ def test_update_weights_matches_eager_with_new_weights():
     assert executor.weights()["fc1.weight"] is second["fc1.weight"]  # shared, not copied
 
 
+def test_staged_weights_switch_only_on_commit_and_carry_a_version():
+    model, inputs, _, executor = executor_for("mlp")
+    first, second = two_weight_sets(model)
+    with torch.no_grad():
+        before, version = executor.call_versioned(*inputs)
+        assert version == executor.weights_version == 0
+        executor.stage_weights(second, version=7)
+        with pytest.raises(nativert.WeightsError, match="version 7 are staged already"):
+            executor.stage_weights(second)
+        staged_out, version = executor.call_versioned(*inputs)  # staged: not yet in use
+        assert version == 0 and torch.equal(staged_out, before)
+        assert executor.commit_weights() == 7
+        model.load_state_dict(second)
+        after, version = executor.call_versioned(*inputs)
+        assert version == 7
+        assert_close(after, model(*inputs))
+        executor.stage_weights(first)
+        executor.discard_weights()
+        assert executor.weights_version == 7 and torch.equal(executor(*inputs), after)
+        with pytest.raises(nativert.WeightsError, match="nothing is staged"):
+            executor.commit_weights()
+        executor.update_weights(first)
+        assert executor.weights_version == 8
+
+
 def test_bad_update_raises_and_changes_nothing():
     model, inputs, _, executor = executor_for("custom_op")  # two delegates
     with torch.no_grad():
