@@ -25,6 +25,7 @@ LAYERS = [
     ("nativert.passes",),
     ("nativert.partitioner",),
     ("nativert.backend",),
+    ("nativert.serve",),
     ("nativert.cli", "nativert.__main__"),
 ]
 

@@ -1,4 +1,4 @@
-"""`nativert` command line: demo, lower, inspect, bench."""
+"""`nativert` command line: demo, lower, inspect, bench, serve."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from nativert.cli.demo import demo
 from nativert.cli.errors import CliError
 from nativert.cli.lower import add_settings_flags, lower, settings_from_args
 from nativert.cli.package import bench, inspect
+from nativert.cli.serve import serve, update_weights
 
 __all__ = ["CliError", "add_settings_flags", "main", "settings_from_args"]
 
@@ -52,11 +53,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--size", type=_positive, default=4, help="size of dynamic dims")
     p.add_argument("--profile", action="store_true", help="also the per-node profile")
+    p = commands.add_parser(
+        "serve",
+        help="serve a package over HTTP on Ray Serve ('serve update-weights URL FILE' swaps "
+        "its weights)",
+    )
+    p.add_argument("package")
+    _add_trust_flag(p)
+    p.add_argument("--replicas", type=_positive, default=1)
+    p.add_argument("--max-batch-size", type=_positive, default=8, help="1: no batching")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument("--threads", type=_positive, default=1, help="concurrent calls per replica")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", help="join this Ray cluster instead of starting one")
+    p = commands.add_parser("serve-update-weights", help=argparse.SUPPRESS)
+    p.add_argument("url", help="the server, e.g. http://127.0.0.1:8000")
+    p.add_argument("weights", help="a .safetensors file of new weights")
+    p.add_argument("--no-strict", dest="strict", action="store_false", help="a partial update")
+    p.add_argument("--timeout", type=float, default=300.0)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if at is not None and argv[at : at + 2] == ["serve", "update-weights"]:
+        argv[at : at + 2] = ["serve-update-weights"]
     args = parser.parse_args(argv)
     # torch 2.13's own run_decompositions deep-copies pytree specs through a deprecated
     # LeafSpec check and warns on every export; it says nothing about the user's model.
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-    run = {"demo": demo, "lower": lower, "inspect": inspect, "bench": bench}[args.command]
+    run = {
+        "demo": demo,
+        "lower": lower,
+        "inspect": inspect,
+        "bench": bench,
+        "serve": serve,
+        "serve-update-weights": update_weights,
+    }[args.command]
     try:
         return run(args)
     except BrokenPipeError:  # `nativert inspect x.pt2 --json | head`: the reader left
@@ -67,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         what = str(exc) if isinstance(exc, CliError) else f"{type(exc).__name__}: {exc}"
         lines = what.strip().splitlines() or [type(exc).__name__]
-        print(f"nativert {args.command}: error: {lines[0]}", file=sys.stderr)
+        command = args.command.replace("serve-", "serve ", 1)
+        print(f"nativert {command}: error: {lines[0]}", file=sys.stderr)
         print("(run with --debug for the traceback)", file=sys.stderr)
         return 1
 

@@ -1,0 +1,92 @@
+"""`nativert serve PACKAGE` (deploy on Ray Serve and wait for Ctrl-C) and `nativert serve
+update-weights URL FILE` (swap weights on every replica of a running server, or none)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from nativert.cli.errors import CliError
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        import nativert.serve
+    except ImportError as exc:
+        raise CliError(
+            f"serving needs Ray Serve ({exc.name} is missing): pip install 'nativert[serve]'"
+        ) from None
+    handle = nativert.serve.deploy(
+        args.package,
+        replicas=args.replicas,
+        max_batch_size=args.max_batch_size,
+        batch_wait_ms=args.batch_wait_ms,
+        threads=args.threads,
+        trust_native_code=args.trust_native_code,
+        host=args.host,
+        port=args.port,
+        address=args.address,
+    )
+    info = handle.metadata()
+    batching = info["batching"]
+    how = (
+        f"batching up to {batching['max_batch_size']} within {batching['batch_wait_ms']:g} ms"
+        if batching["enabled"]
+        else f"no batching ({batching['reason'] if not batching['possible'] else 'off'})"
+    )
+    print(
+        f"serving {args.package} at {handle.url}/ ({args.replicas} replica(s), {how}; "
+        f"weights version {info['weights_version']}). Ctrl-C stops.",
+        flush=True,
+    )
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        print("stopping...", flush=True)
+        from ray import serve as ray_serve
+
+        handle.shutdown()
+        if args.address is None:  # we started this cluster: take it down with us
+            import ray
+
+            ray_serve.shutdown()
+            ray.shutdown()
+    print("stopped")
+    return 0
+
+
+def update_weights(args: argparse.Namespace) -> int:
+    path = Path(args.weights)
+    if not path.is_file():
+        raise CliError(f"no such weights file: {path}")
+    url = args.url.rstrip("/") + "/weights" + ("" if args.strict else "?strict=false")
+    request = urllib.request.Request(
+        url,
+        data=path.read_bytes(),
+        headers={"content-type": "application/octet-stream"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as answer:
+            result = json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            error = json.loads(exc.read())["error"]
+        except (ValueError, KeyError):
+            error = str(exc)
+        raise CliError(f"{url}: HTTP {exc.code}: {error}") from None
+    except urllib.error.URLError as exc:
+        raise CliError(f"{url}: {exc.reason}") from None
+    print(f"weights version {result['version']} on {len(result['replicas'])} replica(s)")
+    return 0
