@@ -170,16 +170,15 @@ class PackageModel:
             dtype = DTYPES[dtype_name]
         else:
             raise RequestError(
-                f"input {name}: unknown dtype {dtype_name!r}; use one of {', '.join(DTYPES)}"
+                f"input {name!r}: unknown dtype {dtype_name!r}; use one of {', '.join(DTYPES)}"
             )
         try:
             tensor = torch.tensor(data, dtype=dtype)
             if shape is not None:
                 tensor = tensor.reshape(shape)
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise RequestError(
-                f"input {name}: not a tensor of {dtype_name or dtype}: {exc}"
-            ) from None
+            what = str(dtype).removeprefix("torch.")
+            raise RequestError(f"input {name!r}: not a tensor of {what}: {exc}") from None
         return tensor
 
     # -- responses -------------------------------------------------------------------------

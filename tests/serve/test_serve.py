@@ -179,10 +179,22 @@ def test_static_batch_dim_turns_batching_off(served):
     ("body", "status", "message"),
     [
         ({"inputs": {"y": [[1.0] * 16]}}, 400, r"missing \['x'\], unknown \['y'\]"),
-        ({"inputs": {"x": [[1.0] * 15]}}, 400, r"x"),
-        ({"inputs": {"x": {"data": [[1] * 16], "dtype": "int64"}}}, 400, r"x.*int64|int64.*x"),
-        ({"inputs": {"x": {"data": [[1.0] * 16], "dtype": "float99"}}}, 400, r"x: unknown dtype"),
-        ({"inputs": {"x": [[1.0] * 16, [1.0]]}}, 400, r"input x: not a tensor"),
+        (
+            {"inputs": {"x": [[1.0] * 15]}},
+            400,
+            r"input 'x' has size 15 in dimension 1, expected 16",
+        ),
+        (
+            {"inputs": {"x": {"data": [[1] * 16], "dtype": "int64"}}},
+            400,
+            r"input 'x' has dtype torch.int64, expected torch.float32",
+        ),
+        (
+            {"inputs": {"x": {"data": [[1.0] * 16], "dtype": "float99"}}},
+            400,
+            r"input 'x': unknown dtype 'float99'",
+        ),
+        ({"inputs": {"x": [[1.0] * 16, [1.0]]}}, 400, r"input 'x': not a tensor of float32"),
         ({"inputs": [1, 2]}, 400, r"expected 1 inputs \(x\), got 2"),
     ],
     ids=["unknown_name", "wrong_width", "wrong_dtype", "bad_dtype", "ragged", "count"],
