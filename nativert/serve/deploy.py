@@ -126,7 +126,7 @@ def deploy(
     import ray
     from ray import serve
 
-    import nativert
+    from nativert.backend.package import load
     from nativert.serve.model import PackageModel
     from nativert.serve.replica import PackageServer
     from nativert.serve.weights import WeightCoordinator, coordinator_name
@@ -141,7 +141,7 @@ def deploy(
     path = os.path.abspath(os.fspath(path))
     # Fail here, in one line, rather than in N replicas that Serve restarts: the same load
     # each replica will do.
-    program = nativert.load(path, trust_native_code=trust_native_code, plain_containers=True)
+    program = load(path, trust_native_code=trust_native_code, plain_containers=True)
     PackageModel(program)
     start_ray(address)
     with quiet_ray():
@@ -176,5 +176,7 @@ def deploy(
             raise NativertError(
                 f"replicas of {path} failed to start: {lines[-1] if lines else exc}"
             ) from exc
+        # The first call builds the handle's router, which logs at INFO: here, quietly.
+        deployment.metadata.remote().result()
     url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
     return ServeHandle(name, url, deployment, coordinator)

@@ -47,12 +47,12 @@ class PackageServer:
         max_batch_size: int,
         batch_wait_ms: float,
     ) -> None:
-        import nativert
-        from nativert.backend.package import read_manifest
+        from nativert.backend.package import load, read_manifest
+        from nativert.backend.runtime import Executor
 
         manifest = read_manifest(path)
-        program = nativert.load(path, trust_native_code=trust_native_code, plain_containers=True)
-        self.executor = nativert.Executor(program, num_frames=threads)
+        program = load(path, trust_native_code=trust_native_code, plain_containers=True)
+        self.executor = Executor(program, num_frames=threads)
         self.model = PackageModel(program, manifest.get("dim_names"))
         self.delegates = [
             {"name": d["module_name"], "backend_id": d["backend_id"]} for d in manifest["delegates"]
