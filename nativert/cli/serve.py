@@ -13,6 +13,8 @@ from pathlib import Path
 
 from nativert.cli.errors import CliError
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 def serve(args: argparse.Namespace) -> int:
     try:
@@ -45,22 +47,20 @@ def serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Ctrl-C and SIGTERM ask to stop; Python would ignore a SIGINT that the shell set to be
+    # ignored (a background job), so both get a handler. A second Ctrl-C interrupts shutdown.
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in STOP_SIGNALS}
     try:
         while not stop.wait(0.5):
             pass
-    except KeyboardInterrupt:
-        pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         print("stopping...", flush=True)
-        from ray import serve as ray_serve
-
-        handle.shutdown()
-        if args.address is None:  # we started this cluster: take it down with us
+        handle.shutdown()  # drains and deletes the application and its coordinator
+        if args.address is None:  # we started this cluster: take it, and Serve, down with us
             import ray
 
-            ray_serve.shutdown()
             ray.shutdown()
     print("stopped")
     return 0
