@@ -47,7 +47,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             num_cpus=None if address else num_cpus,
             include_dashboard=False,
             log_to_driver=False,
-            logging_level=logging.WARNING,
+            logging_level=logging.ERROR,
         )
 
 
