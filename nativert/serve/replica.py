@@ -50,6 +50,7 @@ class PackageServer:
         from nativert.backend.package import load, read_manifest
         from nativert.backend.runtime import Executor
 
+        self._stop = threading.Event()  # first: __del__ runs even if loading fails
         manifest = read_manifest(path)
         program = load(path, trust_native_code=trust_native_code, plain_containers=True)
         self.executor = Executor(program, num_frames=threads)
@@ -70,7 +71,6 @@ class PackageServer:
         after, version, committed = ray.get(self.coordinator.register.remote(self.replica))
         if committed is not None:  # the fleet moved on while this replica was away
             self.executor.update_weights(ray.get(committed[0]), version=version)
-        self._stop = threading.Event()
         threading.Thread(
             target=follow,
             args=(self.coordinator, self.replica, after, self.executor, self._stop),
