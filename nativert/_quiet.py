@@ -18,23 +18,29 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 _QUIET_LOGGERS = ("torch.onnx._internal.exporter._registration",)
 
 
 @contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
+def logger_levels(names: Iterable[str], level: int) -> Iterator[None]:
+    """The loggers `names` at `level` while active; their own levels restored after."""
+    loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
+    for logger in loggers:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, old in zip(loggers, levels, strict=True):
+            logger.setLevel(old)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    with warnings.catch_warnings(), logger_levels(_QUIET_LOGGERS, logging.ERROR):
         warnings.filterwarnings(
             "ignore", message=r"`?isinstance\(treespec, LeafSpec\)`? is deprecated"
         )
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for logger, level in zip(loggers, levels, strict=True):
-                logger.setLevel(level)
+        yield

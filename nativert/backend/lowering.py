@@ -356,14 +356,22 @@ def region_segments(
     `program` is not modified."""
     regions = check_tags(program, tags)
     segments = {}
-    for tag in regions:
-        copy = rebuild_program(program, copy_graph_module(program))
-        for node in copy.graph.nodes:
-            if node.meta.get(TAG_KEY) != tag:
-                node.meta.pop(TAG_KEY, None)
-        _, _, segment, outer_args, _, _ = _fuse_region(copy, tag, 0)
+    for tag, nodes in regions.items():
+        _, _, segment, outer_args, _, _ = _fuse_copy(program, tag, {n.name for n in nodes})
         segments[tag] = (segment, [_signature_name(a) for a in outer_args])
     return segments
+
+
+def _fuse_copy(program: ExportedProgram, tag: str, names: set[str]):
+    """`_fuse_region` of the nodes named `names`, tagged `tag`, on a copy of `program` (every
+    other tag dropped there); `program` is not modified."""
+    copy = rebuild_program(program, copy_graph_module(program))
+    for node in copy.graph.nodes:
+        if node.name in names:
+            node.meta[TAG_KEY] = tag
+        else:
+            node.meta.pop(TAG_KEY, None)
+    return _fuse_region(copy, tag, 0)
 
 
 def lower_tagged_program(
@@ -528,13 +536,7 @@ class _Salvage:
         names = {name for unit in units for name in unit}
         self._count += 1
         tag = f"{self.tag}_{self._count}"
-        copy = rebuild_program(self.program, copy_graph_module(self.program))
-        for node in copy.graph.nodes:
-            if node.name in names:
-                node.meta[TAG_KEY] = tag
-            else:
-                node.meta.pop(TAG_KEY, None)
-        _, _, segment, outer_args, mutated_idx, state_idx = _fuse_region(copy, tag, 0)
+        _, _, segment, outer_args, mutated_idx, state_idx = _fuse_copy(self.program, tag, names)
         try:
             lowered = compile_segment(
                 segment,
@@ -658,14 +660,18 @@ def _reason(error: DelegateCompileError | None) -> str:
     )
 
 
-def with_hybrid_specs(spec: DelegationSpec) -> DelegationSpec:
-    """`spec` plus its delegate's `hybrid_compile_specs` for keys it does not set."""
+def with_hybrid_specs(
+    spec: DelegationSpec, given: Mapping[str, object] | None = None
+) -> DelegationSpec:
+    """`spec` plus its delegate's `hybrid_compile_specs` for keys neither it nor `given` (the
+    settings' compile specs for that delegate) sets."""
     specs = {s.key: s.value for s in spec.compile_specs}
     extra = get_delegate(spec.backend_id).hybrid_compile_specs
-    if all(key in specs for key in extra):
+    given = given or {}
+    missing = {k: v for k, v in extra.items() if k not in specs and k not in given}
+    if not missing:
         return spec
-    specs = {**extra, **specs}
-    return dataclasses.replace(spec, compile_specs=tuple(dict_to_specs(specs)))
+    return dataclasses.replace(spec, compile_specs=tuple(dict_to_specs({**specs, **missing})))
 
 
 def hybrid_specs(result: PartitionResult, settings: Settings) -> PartitionResult:
@@ -679,13 +685,8 @@ def hybrid_specs(result: PartitionResult, settings: Settings) -> PartitionResult
     )
     if len(tags) < 2 and not kept:
         return result
-    new = {}
-    for tag, spec in tags.items():
-        given = settings.compile_specs.get(spec.backend_id, {})
-        extra = get_delegate(spec.backend_id).hybrid_compile_specs
-        specs = {s.key: s.value for s in spec.compile_specs}
-        for key, value in extra.items():
-            if key not in given:
-                specs.setdefault(key, value)
-        new[tag] = dataclasses.replace(spec, compile_specs=tuple(dict_to_specs(specs)))
+    new = {
+        tag: with_hybrid_specs(spec, settings.compile_specs.get(spec.backend_id, {}))
+        for tag, spec in tags.items()
+    }
     return PartitionResult(program, new)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from nativert._quiet import logger_levels
 from nativert.errors import NativertError, WeightsError
 
 NAMESPACE = "nativert"
@@ -23,15 +24,8 @@ _SERVE_LOGGING = {"log_level": "WARNING", "enable_access_log": False}
 def quiet_ray() -> Iterator[None]:
     """Ray's driver-side INFO lines ("Started Serve", "Application is ready") while our calls
     run; the user's own logging configuration is restored after."""
-    loggers = [logging.getLogger(n) for n in ("ray", "ray.serve")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
+    with logger_levels(("ray", "ray.serve"), logging.WARNING):
         yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
