@@ -20,7 +20,18 @@ import torch
 from nativert.errors import PackageError
 
 _CHUNK = 1 << 20
-_READ_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError)
+# What zipfile raises for a malformed archive: besides BadZipFile, a flipped bit in a header
+# gives UnicodeDecodeError (a ValueError) for a name, RuntimeError ("is encrypted") for the
+# flags, NotImplementedError for the compression method.
+_READ_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    OSError,
+    EOFError,
+    NotImplementedError,
+    ValueError,
+    RuntimeError,
+)
 
 
 def digest_members(path: str) -> dict[str, dict[str, Any]]:

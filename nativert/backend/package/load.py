@@ -94,7 +94,7 @@ def load(
         payloads = [archive.read(f"{EXECUTORCH_DIR}{entry['payload']}") for entry in entries]
     for entry, (delegate, _), payload in zip(entries, delegates, payloads, strict=True):
         if delegate is not None:
-            _check_payload(delegate, payload, entry, path)
+            _check_segment(delegate, payload, entry, path)
     try:
         program = _restore(top, manifest, segments, payloads, delegates, path)
     except (PackageError, UnknownDelegateError):
@@ -214,14 +214,18 @@ def _unavailable(entry: dict, why: str, path: str, strict: bool) -> tuple[None, 
     return None, why
 
 
-def _check_payload(delegate: Delegate, payload: bytes, entry: dict, path: str) -> None:
+def _check_segment(delegate: Delegate, payload: bytes, entry: dict, path: str) -> None:
+    """The delegate's checks of a segment's compile specs and payload, before either is
+    used; a refusal names the file and the segment."""
+    segment = f"segment {entry['module_name']!r} ({entry['backend_id']})"
+    try:
+        delegate.check_compile_specs(dict(entry["compile_specs"]))
+    except ValueError as exc:
+        raise PackageError(f"{path}: the compile specs of {segment} are refused: {exc}") from exc
     try:
         delegate.check_payload(payload)
     except ValueError as exc:
-        raise PackageError(
-            f"{path}: the payload of segment {entry['module_name']!r} "
-            f"({entry['backend_id']}) is refused: {exc}"
-        ) from exc
+        raise PackageError(f"{path}: the payload of {segment} is refused: {exc}") from exc
 
 
 def _restore(top, manifest, segments, payloads, delegates, path) -> ExportedProgram:

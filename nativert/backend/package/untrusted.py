@@ -13,17 +13,25 @@ against what torch itself writes:
   higher-order operator (`torch.ops.higher_order.name`), or one of the symbolic-shape
   functions torch serializes by name (`_operator.add`, `torch.sym_max`, `math.trunc`, ...).
   Operator arguments (`as_operator`: the op that `with_effects` runs) are resolved the same
-  way (`torch.os.system` would resolve), so they are checked the same way.
+  way (`torch.os.system` would resolve), so they are checked the same way;
+- `guards_code` (Python source for torch to `exec`) is dropped.
+
+The file is read as torch's schema says, field by field: names the user chose (an input
+called `target`, a weight called `expr_str`) are keys of name-keyed tables, never fields.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch._export.serde import schema
 
 # sympy / torch.utils._sympy functions that sympy's srepr writes for shape expressions.
 _FUNCTIONS = frozenset(
@@ -167,27 +175,69 @@ def check_target(target: Any, what: str = "node target") -> None:
 _KEPT_METADATA = ("stack_trace", "nn_module_stack")
 
 
+@functools.cache
+def _fields(cls: type) -> dict[str, Any]:
+    """{field: type} of a schema dataclass, forward references resolved."""
+    return typing.get_type_hints(cls, globalns=vars(schema))
+
+
 def check_program_json(data: Any, on_refused: Callable[[str], Exception]) -> None:
-    """Walk a serialized program (JSON, modified in place): check every expression and node
-    target, and drop node metadata that torch would resolve by name."""
-    stack = [data]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(v for v in item if isinstance(v, (dict, list)))
-            continue
-        if not isinstance(item, dict):
-            continue
-        try:
-            if "expr_str" in item:
-                check_expression(item["expr_str"])
-            if "as_operator" in item:  # with_effects' op: resolved by name, like a target
-                check_target(item["as_operator"], "operator argument")
-            if "target" in item:  # a Node: the only schema type with a target
-                check_target(item["target"])
-                metadata = item.get("metadata")
-                if isinstance(metadata, dict):
-                    item["metadata"] = {k: metadata[k] for k in _KEPT_METADATA if k in metadata}
-        except Refused as exc:
-            raise on_refused(str(exc)) from None
-        stack.extend(v for k, v in item.items() if k != "metadata" and isinstance(v, (dict, list)))
+    """Check a serialized program (JSON, modified in place) by walking torch's schema for it
+    (`torch._export.serde.schema.ExportedProgram`): every node target and operator argument
+    is checked, every symbolic expression too, node metadata that torch would resolve by name
+    is dropped, and so is the program's `guards_code` (Python source that torch `exec`s when
+    `.module()` runs on a program with example inputs; the input ranges and graph asserts
+    stay). Only schema fields are read as such: a dict keyed by names (`tensor_values`,
+    `range_constraints`, ...) holds the user's names as keys, which may be anything, even
+    `target` or `expr_str`. Fields torch does not know are left alone (torch ignores them)."""
+    stack: list[tuple[Any, Any]] = [(data, schema.ExportedProgram)]
+    try:
+        while stack:
+            value, kind = stack.pop()
+            _check_one(value, kind, stack)
+    except Refused as exc:
+        raise on_refused(str(exc)) from None
+
+
+def _check_one(value: Any, kind: Any, stack: list[tuple[Any, Any]]) -> None:
+    """Check `value` as the schema type `kind`; push what it contains onto `stack`."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):  # `X | None`: the schema's only unions
+        if value is not None:
+            stack.append((value, next(a for a in typing.get_args(kind) if a is not type(None))))
+        return
+    if origin is list:
+        if not isinstance(value, list):
+            raise Refused(f"expected a list for {kind}, got {type(value).__name__}")
+        (item,) = typing.get_args(kind)
+        stack.extend((v, item) for v in value)
+        return
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise Refused(f"expected an object for {kind}, got {type(value).__name__}")
+        item = typing.get_args(kind)[1]
+        stack.extend((v, item) for v in value.values())  # keys are names: data, not schema
+        return
+    if not (isinstance(kind, type) and dataclasses.is_dataclass(kind)):
+        return  # str, int, float, bool, an IntEnum: torch checks these as it reads them
+    if not isinstance(value, dict):
+        raise Refused(f"expected an object for {kind.__name__}, got {type(value).__name__}")
+    fields = _fields(kind)
+    if issubclass(kind, schema._Union):
+        if len(value) != 1 or next(iter(value)) not in fields:
+            raise Refused(f"a {kind.__name__} must hold exactly one of {sorted(fields)}")
+        ((field, inner),) = value.items()
+        if kind is schema.Argument and field == "as_operator":  # with_effects' op
+            check_target(inner, "operator argument")
+        stack.append((inner, fields[field]))
+        return
+    if kind is schema.Node:
+        check_target(value.get("target"))
+        metadata = value.get("metadata")
+        if isinstance(metadata, dict):
+            value["metadata"] = {k: metadata[k] for k in _KEPT_METADATA if k in metadata}
+    elif kind is schema.SymExpr:
+        check_expression(value.get("expr_str"))
+    elif kind is schema.ExportedProgram and value.get("guards_code"):
+        value["guards_code"] = []
+    stack.extend((value[name], t) for name, t in fields.items() if name in value)

@@ -125,6 +125,12 @@ SPEC_KEYS = (THREADS, SPINNING, LOG_SEVERITY)
 
 def check_values(values: Mapping[str, Any]) -> None:
     """Raise ValueError naming a compile spec whose value is not one it takes."""
+    threads = values.get(THREADS, 0)
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= 1024:
+        raise ValueError(
+            f"compile spec {THREADS!r} must be an int from 0 (ONNX Runtime's default) to 1024, "
+            f"got {threads!r}"
+        )
     severity = values.get(LOG_SEVERITY, DEFAULT_LOG_SEVERITY)
     if isinstance(severity, bool) or severity not in range(5):
         raise ValueError(
