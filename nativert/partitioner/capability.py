@@ -219,27 +219,71 @@ def is_compute(node: Node) -> bool:
 
 def _regions_on_cycles(
     gm: torch.fx.GraphModule, regions: list[tuple[str, list[Node]]]
-) -> list[int]:
-    """Indices of regions on a cycle once each region is contracted to one vertex (Kahn)."""
+) -> list[list[int]]:
+    """The cycles the regions would form once each is contracted to one vertex: for every
+    strongly connected component of the contracted graph that holds more than one vertex,
+    the indices of its regions. Regions merely downstream (or upstream) of a cycle are in
+    no such component: they are not on it."""
     owner = {node: i for i, (_, nodes) in enumerate(regions) for node in nodes}
-    edges: dict[Any, set[Any]] = {}
-    indegree: dict[Any, int] = {}
+
+    def vertex(node: Node) -> Any:
+        return ("region", owner[node]) if node in owner else node
+
+    edges: dict[Any, list[Any]] = {}
     for node in gm.graph.nodes:
-        src = ("region", owner[node]) if node in owner else node
-        edges.setdefault(src, set())
-        indegree.setdefault(src, 0)
+        src = vertex(node)
+        targets = edges.setdefault(src, [])
         for user in node.users:
-            dst = ("region", owner[user]) if user in owner else user
-            if dst != src and dst not in edges[src]:
-                edges[src].add(dst)
-                indegree[dst] = indegree.get(dst, 0) + 1
-    ready = [v for v, d in indegree.items() if d == 0]
-    while ready:
-        for w in edges[ready.pop()]:
-            indegree[w] -= 1
-            if indegree[w] == 0:
-                ready.append(w)
-    return [v[1] for v, d in indegree.items() if d > 0 and isinstance(v, tuple)]
+            dst = vertex(user)
+            if dst != src and dst not in targets:
+                targets.append(dst)
+    cycles = []
+    for component in _strongly_connected(edges):
+        on_cycle = sorted(v[1] for v in component if isinstance(v, tuple))
+        if len(component) > 1 and on_cycle:
+            cycles.append(on_cycle)
+    return cycles
+
+
+def _strongly_connected(edges: dict[Any, list[Any]]) -> list[list[Any]]:
+    """Tarjan's strongly connected components, iteratively (graphs have 10^5 nodes)."""
+    index: dict[Any, int] = {}
+    low: dict[Any, int] = {}
+    stack: list[Any] = []
+    on_stack: set[Any] = set()
+    components = []
+    for root in edges:
+        if root in index:
+            continue
+        work = [(root, 0)]
+        while work:
+            v, i = work.pop()
+            if i == 0:
+                index[v] = low[v] = len(index)
+                stack.append(v)
+                on_stack.add(v)
+            successors = edges.get(v, ())
+            if i < len(successors):
+                work.append((v, i + 1))
+                w = successors[i]
+                if w not in index:
+                    work.append((w, 0))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            if low[v] == index[v]:
+                component = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    component.append(w)
+                    if w == v:
+                        break
+                components.append(component)
+            if work:  # v is done: its caller takes its low link
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[v])
+    return components
 
 
 def _break_cycles(
@@ -247,19 +291,22 @@ def _break_cycles(
 ) -> list[tuple[str, list[Node]]]:
     """Drop regions until fusing every remaining region yields an acyclic graph.
 
-    Regions left over by a topological sort of the contracted graph sit on a cycle; the
-    smallest of them goes back to PyTorch (with the reason recorded), and we try again.
+    The smallest region on a cycle goes back to PyTorch (with the reason recorded, naming
+    the delegates of the other regions on that cycle), and we look again.
     """
     regions = list(regions)
-    while stuck := _regions_on_cycles(gm, regions):
+    while cycles := _regions_on_cycles(gm, regions):
+        stuck = cycles[0]
         victim = min(stuck, key=lambda i: (len(regions[i][1]), -i))
         backend_id, nodes = regions[victim]
         others = sorted({regions[i][0] for i in stuck if i != victim})
+        reason = (
+            f"its {backend_id} region would form a cycle with regions of {', '.join(others)}"
+            if others
+            else f"its {backend_id} region would feed itself through nodes kept in PyTorch"
+        )
         for node in nodes:
-            node.meta[REASON_KEY] = (
-                f"its {backend_id} region would form a cycle with regions of "
-                f"{', '.join(others)}; kept in PyTorch"
-            )
+            node.meta[REASON_KEY] = reason + "; kept in PyTorch"
         del regions[victim]
     return regions
 

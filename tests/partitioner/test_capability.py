@@ -104,6 +104,44 @@ def test_the_smaller_region_of_a_cycle_goes_back_whatever_its_priority(registere
         assert_close(program.module()(x), LopsidedCross()(x))
 
 
+class CrossThenSub(nn.Module):
+    """CrossDiamond's cycle (adds {a1, a2}, muls {b1, b2}), then one sub that reads both:
+    downstream of the cycle, not on it."""
+
+    def forward(self, x):
+        a1 = x + 1
+        b2 = x * 3
+        b1 = a1 * 2
+        a2 = b2 + 1
+        return a2 - b1
+
+
+def subs() -> TableDelegate:
+    return TableDelegate("subs", support.SupportTable.of([aten.sub.Tensor]))
+
+
+def test_a_region_downstream_of_a_cycle_stays_delegated(registered):
+    """Only regions on the cycle may go back: the subs region after it is not on it (a
+    topological sort leaves it over too, which once sent it to PyTorch first, being the
+    smallest)."""
+    registered(adds())
+    registered(muls())
+    registered(subs())
+    x = torch.randn(3)
+    partitioner = nativert.CapabilityPartitioner(["adds", "muls", "subs"])
+    program = lower(CrossThenSub(), (x,), partitioner)
+    program.validate()
+    assert sorted(region_ops(program)) == [["aten.add.Tensor"] * 2, ["aten.sub.Tensor"]]
+    reasons = kept(program)
+    assert set(reasons) == {"mul", "mul_1"}
+    assert all(
+        r == "its muls region would form a cycle with regions of adds; kept in PyTorch"
+        for r in reasons.values()
+    )
+    with torch.no_grad():
+        assert_close(program.module()(x), CrossThenSub()(x))
+
+
 class Diamond(nn.Module):
     """a = x+1 -> sin -> c, and b = x+2 -> c: merging a with c would make a cycle via sin."""
 
