@@ -315,11 +315,7 @@ class LoweredBackendModule(torch.nn.Module):
         flat_inputs, spec = pytree.tree_flatten((args, kwargs))
         expected_spec = self._in_spec
         if expected_spec is not None and spec != expected_spec:
-            raise DelegateCallError(
-                f"lowered module {self.module_name!r} expects inputs structured as "
-                f"{expected_spec} ({self._num_inputs} tensors: {list(self._input_names)}), "
-                f"got {spec}"
-            )
+            raise DelegateCallError(self._structure_error(args, spec))
         weights = [getattr(self, attr) for attr in self._weight_attrs]
         outputs = call_delegate(self, *weights, *flat_inputs)
         if self._buffer_mutations or self._input_mutations:
@@ -333,6 +329,28 @@ class LoweredBackendModule(torch.nn.Module):
         return pytree.tree_unflatten(user, out_spec) if out_spec is not None else tuple(user)
 
     # -- copying ---------------------------------------------------------------------------
+    def _structure_error(self, args: tuple, spec: pytree.TreeSpec) -> str:
+        """Inputs that do not flatten like the exported ones: name the first argument that
+        should be a tensor and is not (a numpy array, a list), else show both structures."""
+        where = f"lowered module {self.module_name!r}"
+        expected = self._in_spec
+        positional = expected.child(0).children() if expected.num_children else []
+        leaf = 0
+        for value, child in zip(args, positional, strict=False):
+            if child.is_leaf() and not isinstance(value, torch.Tensor):
+                name = self._input_names[leaf] if leaf < len(self._input_names) else leaf
+                return f"{where}: input {name!r} must be a Tensor, got {type(value).__name__}"
+            leaf += child.num_leaves
+
+        def short(tree: pytree.TreeSpec) -> str:
+            text = " ".join(str(tree).split())
+            return text if len(text) <= 200 else text[:200] + " ..."
+
+        return (
+            f"{where} expects inputs structured as {short(expected)} ({self._num_inputs} "
+            f"tensors: {list(self._input_names)}), got {short(spec)}"
+        )
+
     def __deepcopy__(self, memo: dict[int, Any]) -> LoweredBackendModule:
         """Share payload, reference program and runtime; copy owned weights like any module.
 

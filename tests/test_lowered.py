@@ -3,6 +3,7 @@ every path that reaches a delegate (its own call, a graph's call_delegate, .modu
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,12 +38,16 @@ def mlp_program():
 
 BAD_INPUTS = [
     (torch.randn(4, 32, 1), r"input 'x' has rank 3 \(shape \(4, 32, 1\)\), expected rank 2"),
+    (np.ones((4, 32), np.float32), r"input 'x' must be a Tensor, got ndarray"),
+    ([[1.0] * 32] * 4, r"input 'x' must be a Tensor, got list"),
     (torch.randn(4, 32, dtype=torch.float64), r"input 'x' has dtype torch.float64, expected "),
     (torch.randn(4, 31), r"input 'x' has size 31 in dimension 1, expected 32"),
 ]
 
 
-@pytest.mark.parametrize(("x", "message"), BAD_INPUTS, ids=["rank", "dtype", "static_dim"])
+@pytest.mark.parametrize(
+    ("x", "message"), BAD_INPUTS, ids=["rank", "numpy", "list", "dtype", "static_dim"]
+)
 def test_wrong_inputs_to_a_lowered_module_name_the_segment_and_input(mlp_program, x, message):
     (lowered,) = nativert.lowered_modules(mlp_program)
     weights = [lowered.original_module.state_dict[n] for n in lowered.weight_names]
@@ -53,14 +58,16 @@ def test_wrong_inputs_to_a_lowered_module_name_the_segment_and_input(mlp_program
         lowered(*weights, x)
 
 
-@pytest.mark.parametrize(("x", "message"), BAD_INPUTS[:2], ids=["rank", "dtype"])
+@pytest.mark.parametrize(("x", "message"), BAD_INPUTS[::3], ids=["rank", "dtype"])
 def test_wrong_inputs_through_module_name_the_segment_and_input(mlp_program, x, message):
     # (a wrong static size is caught first by torch's own guard on .module(), naming x)
     with pytest.raises(nativert.DelegateCallError, match=r"segment 'onnxruntime_0'.*" + message):
         mlp_program.module()(x)
 
 
-@pytest.mark.parametrize(("x", "message"), BAD_INPUTS, ids=["rank", "dtype", "static_dim"])
+@pytest.mark.parametrize(
+    ("x", "message"), BAD_INPUTS, ids=["rank", "numpy", "list", "dtype", "static_dim"]
+)
 def test_wrong_inputs_to_a_whole_program_module(x, message):
     model, inputs = make("mlp")
     whole = nativert.to_backend("onnxruntime", torch.export.export(model, inputs))

@@ -37,6 +37,14 @@ def _user_names(program: ExportedProgram, count: int) -> list[str]:
     return names
 
 
+def user_input_names(program: ExportedProgram) -> list[str]:
+    """The program's user inputs, in placeholder order, by the names a user passes them by
+    (`input`, not the placeholder `input_1`): what errors, `nativert inspect` and the
+    serving API all call them."""
+    count = sum(s.kind == InputKind.USER_INPUT for s in program.graph_signature.input_specs)
+    return _user_names(program, count)
+
+
 class InputSpecs:
     """What each user input must be: count, dtype, rank, static dims, dynamic dim ranges,
     device. Built once from the program's placeholders and range constraints."""
@@ -48,9 +56,7 @@ class InputSpecs:
         specs = [s for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
         self.values = [placeholders[s.arg.name].meta.get("val") for s in specs]
         self.owner = owner
-        self.names = (
-            [s.arg.name for s in specs] if owner is not None else _user_names(program, len(specs))
-        )
+        self.names = [s.arg.name for s in specs] if owner is not None else user_input_names(program)
         self._seen: set[tuple] = set()  # signatures `validate` has checked already
         self.in_spec = program.call_spec.in_spec
         self.ranges = dict(program.range_constraints)
@@ -152,7 +158,12 @@ class InputSpecs:
         key = tuple(
             (v.dtype, v.shape, v.device.type) if isinstance(v, torch.Tensor) else v for v in flat
         )
-        if key in self._seen:
+        try:
+            seen = key in self._seen
+        except TypeError:  # an unhashable input (a numpy array, a list): check says what
+            self.check(list(flat))
+            return
+        if seen:
             return
         self.check(list(flat))
         if len(self._seen) < 256:

@@ -53,6 +53,7 @@ def inspect(args: argparse.Namespace) -> int:
     import os
 
     import nativert
+    from nativert._program.inputs import user_input_names
     from nativert.backend.package import read_manifest
     from nativert.backend.package.load import read_call_specs
     from nativert.backend.package.treespecs import STANDARD_CONTAINERS, leaf_paths, spec_type
@@ -66,9 +67,13 @@ def inspect(args: argparse.Namespace) -> int:
     report = nativert.delegation_report(program)
     names = manifest.get("dim_names", {})
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    # The names a caller uses (the serving API's too), not the placeholders': `input`, which
+    # the graph calls `input_1`.
     inputs = [
-        {"name": name, **_describe(placeholders[name].meta.get("val"), names)}
-        for name in program.graph_signature.user_inputs
+        {"name": name, **_describe(placeholders[placeholder].meta.get("val"), names)}
+        for name, placeholder in zip(
+            user_input_names(program), program.graph_signature.user_inputs, strict=True
+        )
     ]
     user_outputs = set(program.graph_signature.user_outputs)
     output_nodes = [
@@ -138,12 +143,14 @@ def inspect(args: argparse.Namespace) -> int:
 def _random_inputs(program, size: int) -> list[torch.Tensor]:
     """Inputs for every user input: dynamic dims at `size` (within their range)."""
     from nativert._program import finite_int
+    from nativert._program.inputs import user_input_names
 
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     ranges = dict(program.range_constraints)
     inputs = []
-    for name in program.graph_signature.user_inputs:
-        value = placeholders[name].meta.get("val")
+    user_inputs = program.graph_signature.user_inputs
+    for name, placeholder in zip(user_input_names(program), user_inputs, strict=True):
+        value = placeholders[placeholder].meta.get("val")
         if not isinstance(value, torch.Tensor):
             raise CliError(f"input {name!r} is not a tensor; bench feeds tensors only")
         shape = []
