@@ -17,12 +17,12 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def serve(args: argparse.Namespace) -> int:
+    import nativert.serve
+
     try:
-        import nativert.serve
+        nativert.serve.require_serve_extra()
     except ImportError as exc:
-        raise CliError(
-            f"serving needs Ray Serve ({exc.name} is missing): pip install 'nativert[serve]'"
-        ) from None
+        raise CliError(str(exc)) from None
     handle = nativert.serve.deploy(
         args.package,
         replicas=args.replicas,

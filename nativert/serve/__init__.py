@@ -8,7 +8,15 @@ prediction = handle.remote(x).result()   # .outputs, .weights_version, .replica,
 handle.update_weights("new.safetensors") # every replica, or none
 """
 
-from nativert.serve.deploy import ServeHandle, deploy, start_ray
+from nativert.serve.deploy import ServeHandle, deploy, require_serve_extra, start_ray
 from nativert.serve.model import PackageModel, Prediction, RequestError
 
-__all__ = ["PackageModel", "Prediction", "RequestError", "ServeHandle", "deploy", "start_ray"]
+__all__ = [
+    "PackageModel",
+    "Prediction",
+    "RequestError",
+    "ServeHandle",
+    "deploy",
+    "require_serve_extra",
+    "start_ray",
+]

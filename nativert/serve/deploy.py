@@ -28,9 +28,25 @@ def quiet_ray() -> Iterator[None]:
         yield
 
 
+def require_serve_extra() -> None:
+    """Raise ImportError naming the missing package and the extra that installs it, unless
+    what serving needs (Ray Serve, safetensors) is installed."""
+    try:
+        import ray.serve  # noqa: F401
+        import safetensors  # noqa: F401
+    except ImportError as exc:
+        missing = (exc.name or "ray").split(".")[0]
+        raise ImportError(
+            f"serving needs Ray Serve and safetensors, and {missing} is not installed: "
+            "pip install 'nativert[serve]'",
+            name=missing,
+        ) from None
+
+
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at `address`, or start a local one (no dashboard, Ray's worker logs
     kept off this terminal); nothing if Ray is already initialized in this process."""
+    require_serve_extra()
     import ray
 
     if ray.is_initialized():
@@ -117,6 +133,7 @@ def deploy(
     handle = nativert.serve.deploy("model.pt2", replicas=2)
     print(handle.remote(torch.randn(4, 16)).result().outputs)
     """
+    require_serve_extra()
     import ray
     from ray import serve
 

@@ -62,3 +62,25 @@ def test_json_inputs_take_the_inputs_dtype_and_are_checked():
         model.arguments([x, torch.ones(1, 3)])
     with pytest.raises(RequestError, match="not JSON"):
         model.decode_json(b"{")
+
+
+def test_serving_without_the_serve_extra_says_which_extra_to_install(tmp_path):
+    """A plain `pip install nativert` has no Ray: `nativert serve` must say what to install,
+    not fail on an import (simulated: `ray` blocked in sys.modules)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['ray'] = None\n"
+        "from nativert import cli\n"
+        "sys.exit(cli.main(['serve', 'model.pt2']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert result.returncode == 1, result.stderr
+    assert "nativert serve: error: serving needs Ray Serve and safetensors, and ray is not " in (
+        result.stderr
+    ), result.stderr
+    assert "pip install 'nativert[serve]'" in result.stderr
