@@ -520,13 +520,24 @@ def _choose_plan(tuner, program, mixed, flat, whole, key, known, lower) -> Expor
         return mixed
     failures: dict[str, str] = {}
     cases = {}
-    for name, plan in plans.items():
+    # Every plan must answer as PyTorch does (the mixed plan's regions were checked one by
+    # one; a whole-program plan is checked here, end to end).
+    reference = plans.get(PYTORCH, mixed)
+    expected = None
+    for name, plan in sorted(plans.items(), key=lambda item: item[1] is not reference):
         try:
             executor = Executor(plan)
-            executor.run_flat(flat)
+            with torch.no_grad():
+                outputs = executor.run_flat(flat)
+            if expected is None:
+                expected = outputs  # the reference plan's, which comes first
+            elif (mismatch := _close(outputs, expected)) is not None:
+                raise DelegateCompileError(f"wrong results: {mismatch}")
             cases[name] = functools.partial(executor.run_flat, flat)
         except Exception as exc:  # a plan that cannot run loses; the mixed plan is a fallback
             failures[name] = _first_line(exc)
+            if plan is reference:
+                return mixed  # nothing to check the others against
     if not cases:
         return mixed
     times = time_interleaved(cases)

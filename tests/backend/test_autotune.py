@@ -15,7 +15,9 @@ from torch import nn
 
 import nativert
 from nativert.backend.autotune import PYTORCH, time_interleaved
+from nativert.backend.delegates.eager import EagerDelegate
 from nativert.backend.pipeline import lower_program
+from nativert.delegate import ReferenceExecutor
 from nativert.models import ConvBnRelu
 from tests.conftest import assert_close
 
@@ -177,3 +179,46 @@ def test_nativert_lower_autotune_prints_the_measurements_and_saves_a_working_pac
     x = torch.randn(3, 8)
     with torch.no_grad():
         assert_close(nativert.Executor(nativert.load(tmp_path / "m.pt2"))(x), model(x))
+
+
+class _WrongExecutor(ReferenceExecutor):
+    """Right shapes and dtypes, wrong values, and faster than any real runner: it computes
+    once, then returns the same off-by-one outputs every call."""
+
+    _outputs = None
+
+    def run_with(self, weights, inputs):
+        if self._outputs is None:
+            self._outputs = tuple(out + 1 for out in super().run_with(weights, inputs))
+        return self._outputs
+
+
+class WrongDelegate(EagerDelegate):
+    """Takes every op, compiles, loads, and answers wrong."""
+
+    backend_id = "wrong"
+    reference = False
+
+    def load(self, payload, compile_specs, *, reference):
+        return _WrongExecutor(reference, name=self.backend_id)
+
+
+def test_a_candidate_that_answers_wrong_is_never_chosen_and_is_reported(tmp_path, registered):
+    """`wrong` would win every measurement, per region and for the whole program (the custom
+    op keeps ONNX Runtime from taking it all, so the whole-program plans are timed too)."""
+    from tests.models import make
+
+    registered(WrongDelegate())
+    model, inputs = make("custom_op")
+    result = _lower(model, inputs, tmp_path, delegates=["onnxruntime", "wrong"])
+    decisions = result.tuning.decisions
+    assert {d.tag for d in decisions} > {"program"}, str(result.tuning)  # regions too
+    for decision in decisions:
+        assert decision.choice != "wrong", str(result.tuning)
+        (wrong,) = [m for m in decision.measurements if m.runner == "wrong"]
+        assert wrong.ms is None and "wrong results" in wrong.failure, str(result.tuning)
+    assert "wrong results" in str(nativert.delegation_report(result.program)) or (
+        "wrong results" in str(result.tuning)
+    )
+    with torch.no_grad():
+        assert_close(nativert.Executor(result.program)(*inputs), model(*inputs), atol=1e-5)
