@@ -201,10 +201,12 @@ def _int(value: Any, name: str, *, minimum: int) -> None:
 def _delegates(delegates: Any) -> tuple[str, ...] | None:
     if delegates is None:
         return None
-    if isinstance(delegates, str) or not isinstance(delegates, Iterable):
+    # A dict or a set would be iterable, but has no priority order to give.
+    unordered = isinstance(delegates, (Mapping, set, frozenset))
+    if isinstance(delegates, str) or unordered or not isinstance(delegates, Iterable):
         raise SettingsError(
-            f"setting delegates must be a list of backend ids, got {delegates!r}"
-            + (f"; write [{delegates!r}]" if isinstance(delegates, str) else "")
+            f"setting delegates must be a list of backend ids in priority order, got "
+            f"{delegates!r}" + (f"; write [{delegates!r}]" if isinstance(delegates, str) else "")
         )
     delegates = tuple(delegates)
     for backend_id in delegates:

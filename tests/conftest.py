@@ -36,6 +36,26 @@ def assert_close(actual, expected, *, atol: float = 1e-5, rtol: float = 1e-5, wh
             )
 
 
+def assert_same_gradients(module, reference, *, atol: float = 1e-5, rtol: float = 1e-5):
+    """Every parameter of `reference` has a gradient in `module` (by name) equal to its own.
+
+    The two must not share parameters: a program exported from a model shares the model's
+    Parameter objects, so `program.module()` and the model would accumulate both backward
+    passes into one `.grad` and compare it with itself. Run the reference on a
+    `copy.deepcopy` of the model."""
+    got = dict(module.named_parameters())
+    for name, param in reference.named_parameters():
+        assert name in got, f"{name}: not a parameter of the module under test"
+        mine = got[name]
+        assert mine is not param and mine.data_ptr() != param.data_ptr(), (
+            f"{name}: shared with the reference, so its gradients cannot be compared; "
+            "run the reference on a copy.deepcopy of the model"
+        )
+        assert mine.grad is not None, f"no gradient reached {name}"
+        assert param.grad is not None, f"the reference has no gradient for {name}"
+        assert_close(mine.grad, param.grad, atol=atol, rtol=rtol, what=f"grad {name}")
+
+
 @pytest.fixture
 def registered():
     """Register delegates for one test and always unregister them, even on failure."""

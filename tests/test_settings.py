@@ -77,6 +77,34 @@ def test_autotune_budget_must_be_a_positive_number(budget):
         Settings(autotune_budget_s=budget)
 
 
+# Values of the wrong type for every field (a test below checks that no field is missing).
+_WRONG_TYPES = {
+    "delegates": [5, "onnxruntime", [1], {"onnxruntime": 1}, {"onnxruntime"}],
+    "min_block_size": ["2", 1.5, True, None],
+    "exclude_ops": ["aten::relu", [3], 5],
+    "allow_single_node_ops": ["aten::relu", [3], 5],
+    "compile_specs": [[], "onnxruntime.x=1", {"onnxruntime": 3}, {"onnxruntime": {1: 2}}],
+    "num_threads": ["2", 1.5, True],
+    "strict": ["yes", 1, 0, None],
+    "cache_dir": [3, 1.5, ["dir"]],
+    "progress": ["yes", 1, 0],
+    "autotune": ["yes", 1, 0, None],
+    "autotune_budget_s": ["10", True, None, [1]],
+}
+
+
+def test_every_setting_has_wrong_type_cases():
+    assert sorted(_WRONG_TYPES) == sorted(Settings.names())
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [(name, v) for name, values in _WRONG_TYPES.items() for v in values]
+)
+def test_every_setting_rejects_a_value_of_the_wrong_type(name, value):
+    with pytest.raises(nativert.NativertError, match=rf"setting {name}\b"):
+        Settings(**{name: value})
+
+
 def test_num_threads_reaches_every_delegate_that_takes_a_thread_count():
     settings = Settings(num_threads=3, compile_specs={"eager": {}})
     ort, eager = nativert.get_delegate("onnxruntime"), nativert.get_delegate("eager")

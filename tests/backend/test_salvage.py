@@ -16,6 +16,7 @@ import nativert
 from nativert.backend.cache import payload_cache
 from nativert.backend.pipeline import lower_program
 from tests.conftest import assert_close
+from tests.partitioner.delegates import muls
 
 
 class AmaxOfScalar(torch.nn.Module):
@@ -95,6 +96,20 @@ def test_failing_node_goes_to_the_next_delegate():
     assert runners["aten.amax.default"] == {"openvino"}
     assert "pytorch" not in {who for by in runners.values() for who in by} - {"pytorch"}
     assert [r.backend_id for r in report.regions].count("onnxruntime") == 2
+    assert_close(nativert.Executor(lowered)(x), model(x), atol=1e-5)
+
+
+def test_a_delegate_that_does_not_support_the_failing_node_is_skipped(registered):
+    """onnxruntime fails on the amax; `muls` (next in priority) does not support amax; the
+    node must reach the delegate after it, not stop at the one that cannot take it."""
+    registered(muls())
+    model, x, program = _program()
+    settings = nativert.Settings(delegates=["onnxruntime", "muls", "eager"], cache_dir=None)
+    lowered = lower_program(program, settings, on_fallback=lambda e: None).program
+    report = nativert.delegation_report(lowered)
+    runners = {op: set(by) for op, by in report.ops.items()}
+    assert runners["aten.amax.default"] == {"eager"}, str(report)
+    assert "muls" not in {r.backend_id for r in report.regions}
     assert_close(nativert.Executor(lowered)(x), model(x), atol=1e-5)
 
 

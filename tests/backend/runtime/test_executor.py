@@ -401,7 +401,142 @@ def test_a_sparse_weight_in_an_update_is_named():
     new = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
     new["fc2.weight"] = new["fc2.weight"].to_sparse()
     with pytest.raises(
-        nativert.WeightsError, match=r"weight 'fc2.weight' is a torch.sparse_coo tensor; .*"
-        r"pass 'fc2.weight'.to_dense\(\)"
+        nativert.WeightsError,
+        match=r"weight 'fc2.weight' is a torch.sparse_coo tensor; .*"
+        r"pass 'fc2.weight'.to_dense\(\)",
     ):
         executor.update_weights(new)
+
+
+# -- commits publish one generation, whoever reads the weights ------------------------------
+class ReadByDelegate(torch.nn.Module):
+    """fc's weights are read by the delegate only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 6)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) + 1
+
+
+class ReadByPyTorch(ReadByDelegate):
+    """Excluding linear keeps fc (and so its weights) in PyTorch; relu and add are
+    delegated."""
+
+
+class ReadByBoth(ReadByDelegate):
+    """fc.weight feeds the delegated linear and a sin kept in PyTorch."""
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) + torch.sin(self.fc.weight).sum()
+
+
+_READERS = {
+    "delegate": (ReadByDelegate, []),
+    "pytorch": (ReadByPyTorch, ["aten::linear", "aten::addmm", "aten::mm", "aten::t"]),
+    "both": (ReadByBoth, ["aten::sin"]),
+}
+
+
+class _Watched(nativert.Executor):
+    """Records each delegate commit and each publish of a generation, in order."""
+
+    def __init__(self, program, events):
+        self._events = events
+        super().__init__(program)
+        for runner in self._runners:
+            commit = runner.executor.commit_weights
+
+            def recorded(commit=commit, name=runner.lowered.module_name):
+                events.append(("commit", name))
+                commit()
+
+            runner.executor.commit_weights = recorded
+
+    def __setattr__(self, name, value):
+        if name == "_gen" and "_gen" in self.__dict__:
+            self._events.append(("publish", value.version))
+        super().__setattr__(name, value)
+
+
+@pytest.mark.parametrize("reader", list(_READERS))
+def test_a_commit_publishes_one_generation_after_every_delegate_switched(reader):
+    cls, excluded = _READERS[reader]
+    torch.manual_seed(0)
+    model, x = cls().eval(), torch.randn(3, 6)
+    program = nativert.to_backend(torch.export.export(model, (x,)), exclude_ops=excluded)
+    weights_in_delegates = sum(m.num_weights for m in nativert.lowered_modules(program))
+    # The structure each case is about: who reads fc.weight.
+    assert (weights_in_delegates > 0) == (reader != "pytorch"), reader
+    in_pytorch = [
+        n
+        for n in program.graph.nodes
+        if n.op == "call_function"
+        and n.target is not nativert.call_delegate
+        and any(getattr(a, "name", "") == "p_fc_weight" for a in n.args)
+    ]
+    assert bool(in_pytorch) == (reader != "delegate"), reader
+
+    events = []
+    executor = _Watched(program, events)
+    first, second = two_weight_sets(model)
+    with torch.no_grad():
+        before = executor(x)
+        executor.stage_weights(second)
+        assert events == [] and torch.equal(executor(x), before)  # staged: nothing switched
+        assert executor.commit_weights() == 1
+    # Every delegate that reads a weight switched, then one generation was published.
+    switched = [("commit", r.lowered.module_name) for r in executor._runners if r.sources]
+    assert len(switched) == (1 if weights_in_delegates else 0)
+    assert events == [*switched, ("publish", 1)], events
+    assert executor.weights_version == 1
+    model.load_state_dict(second)
+    with torch.no_grad():
+        assert_close(executor(x), model(x), what=f"after the commit ({reader})")
+
+
+class KeywordAndNested(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x, pair, *, scale):
+        return self.fc(x) * scale + pair[0] - pair[1]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"scale": torch.float64}, r"input 'scale' has dtype torch.float64, expected"),
+        ({"pair[0]": torch.float64}, r"input 'pair\[0\]' has dtype torch.float64, expected"),
+        ({"scale": (2, 5)}, r"input 'scale' has size 5 in dimension 1, expected 4"),
+        ({"pair[1]": (3, 4)}, r"input 'pair\[1\]' has size 3 in dimension 0, expected 2"),
+    ],
+    ids=["keyword_dtype", "nested_dtype", "keyword_shape", "nested_shape"],
+)
+def test_a_wrong_keyword_or_nested_input_of_a_static_program_gets_our_error(change, message):
+    """All static: the fast path takes plain positional tensors; keywords and nesting go
+    the other way, which must check them too before a runtime sees them."""
+    inputs = {
+        "x": torch.randn(2, 4),
+        "pair[0]": torch.randn(2, 4),
+        "pair[1]": torch.randn(2, 4),
+        "scale": torch.randn(2, 4),
+    }
+
+    def call(target, values):
+        return target(values["x"], (values["pair[0]"], values["pair[1]"]), scale=values["scale"])
+
+    model = KeywordAndNested().eval()
+    program = torch.export.export(
+        model, (inputs["x"], (inputs["pair[0]"], inputs["pair[1]"])), {"scale": inputs["scale"]}
+    )
+    executor = nativert.Executor(nativert.to_backend(program))
+    with torch.no_grad():
+        assert_close(call(executor, inputs), call(model, inputs))
+    ((name, what),) = change.items()
+    bad = dict(inputs)
+    bad[name] = inputs[name].to(what) if isinstance(what, torch.dtype) else torch.randn(*what)
+    with pytest.raises(nativert.DelegateCallError, match=message):
+        call(executor, bad)
