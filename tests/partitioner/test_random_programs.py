@@ -106,7 +106,7 @@ def not_sin():
 
 @pytest.mark.slow
 @settings(
-    max_examples=120,
+    max_examples=60,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
@@ -139,7 +139,7 @@ def test_random_programs_match_eager(not_sin, steps, seed):
 
 @pytest.mark.slow
 @settings(
-    max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
 @given(data=st.data(), seed=st.integers(0, 2**16), dynamic=st.booleans())
 def test_random_programs_through_onnxruntime_and_executor(data, seed, dynamic):
