@@ -337,7 +337,9 @@ class LoweredBackendModule(torch.nn.Module):
         positional = expected.child(0).children() if expected.num_children else []
         leaf = 0
         for value, child in zip(args, positional, strict=False):
-            if child.is_leaf() and not isinstance(value, torch.Tensor):
+            # A container (a list) where the program takes one value; a numpy array flattens
+            # to one leaf, and is caught when the inputs are checked.
+            if child.is_leaf() and not pytree.tree_structure(value).is_leaf():
                 name = self._input_names[leaf] if leaf < len(self._input_names) else leaf
                 return f"{where}: input {name!r} must be a Tensor, got {type(value).__name__}"
             leaf += child.num_leaves

@@ -61,6 +61,14 @@ def test_unknown_setting_lists_the_valid_ones():
             r"compile_specs\['aoti'\]: \['not_an_inductor_option'\] are not Inductor config",
         ),
         (
+            {"compile_specs": {"onnxruntime": {"intra_op_num_threads": 10**9}}},
+            r"'intra_op_num_threads' must be an int from 0 .* to 1024, got 1000000000",
+        ),
+        (
+            {"compile_specs": {"openvino": {"inference_num_threads": -1}}},
+            r"'inference_num_threads' must be an int from 1 to 1024, got -1",
+        ),
+        (
             {"compile_specs": {"eager": {"x": object()}}},
             r"compile_specs\['eager'\]: values must be JSON data",
         ),

@@ -59,7 +59,7 @@ logger = logging.getLogger("nativert")
 
 PYTORCH = "pytorch"
 MIXED = "mixed"
-_FORMAT = 1
+_FORMAT = 2  # 2: whole-program plans are checked against PyTorch before they win
 _ROUNDS = 5
 _ROUND_S = 0.01  # each candidate runs about this long per round
 _SETTLE_S = 0.02  # pause before each candidate: other runtimes' threads stop spinning
@@ -527,8 +527,10 @@ def _choose_plan(tuner, program, mixed, flat, whole, key, known, lower) -> Expor
     for name, plan in sorted(plans.items(), key=lambda item: item[1] is not reference):
         try:
             executor = Executor(plan)
+            # Its own inputs: a plan that mutates an input must not change the next plan's.
+            own = [t.clone() if isinstance(t, torch.Tensor) else t for t in flat]
             with torch.no_grad():
-                outputs = executor.run_flat(flat)
+                outputs = executor.run_flat(own)
             if expected is None:
                 expected = outputs  # the reference plan's, which comes first
             elif (mismatch := _close(outputs, expected)) is not None:

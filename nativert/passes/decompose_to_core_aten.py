@@ -49,6 +49,15 @@ def _multilabel_margin_loss_forward(input, target, reduction):
     vector's unreduced loss shape [1] where the op gives a 0-d loss. Same ops, both fixed."""
     x, t = torch.atleast_2d(input), torch.atleast_2d(target)
     dim = x.shape[1]
+    torch._check(  # the op's own checks, as torch's decomposition makes them
+        input.dim() <= 2 and dim != 0,
+        lambda: f"Expected non-empty vector or matrix with optional 0-dim batch size, but got: "
+        f"{input.shape}",
+    )
+    torch._check(
+        input.dim() <= 2 and target.shape == input.shape,
+        lambda: f"inconsistent target size: {target.shape} for input of size: {input.shape}",
+    )
     idx = torch.arange(dim, device=t.device)
     end = torch.amin(torch.where(t == -1, idx, dim), dim=-1, keepdim=True)
     used = idx < end  # [batch, slot]: the slots before the first -1
@@ -62,7 +71,7 @@ def _multilabel_margin_loss_forward(input, target, reduction):
         loss = loss.mean()
     elif reduction == 2:  # Reduction.SUM
         loss = loss.sum()
-    elif input.dim() == 1:
+    elif input.dim() <= 1:
         loss = loss.reshape(())
     return loss, is_target.to(input.dtype).reshape(target.shape)
 

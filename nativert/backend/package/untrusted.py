@@ -58,6 +58,10 @@ _TOKEN = re.compile(
     r"|(?P<str>'[A-Za-z_][A-Za-z0-9_]*'|'-?\d+(?:\.\d+)?(?:e[-+]?\d+)?')|(?P<punct>[(),=]))"
 )
 _MAX_EXPRESSION = 4096
+# Functions whose second argument is an exponent or a shift count (see _check_exponent).
+_POWERS = frozenset({"Pow", "PowByNatural", "FloatPow", "LShift", "RShift"})
+_MAX_EXPONENT = 64
+_MAX_DIGITS = 19  # int64: every size, stride and bound torch writes
 
 
 class Refused(ValueError):
@@ -74,6 +78,8 @@ def check_expression(text: Any) -> None:
         if match is None or match.end() == pos:
             raise Refused(f"symbolic expression {text[:80]!r} has characters torch never writes")
         kind = match.lastgroup
+        if kind == "int" and len(match.group(kind).lstrip("-")) > _MAX_DIGITS:
+            raise Refused(f"symbolic expression {text[:80]!r} has an integer beyond int64")
         tokens.append((kind, match.group(kind)))
         pos = match.end()
         while pos < len(text) and text[pos].isspace():
@@ -94,13 +100,32 @@ def _expression(tokens: list, i: int, text: str) -> int:
         raise Refused(f"symbolic expression {text[:80]!r} uses {value!r}, which is not allowed")
     function = value
     i = _expect(tokens, i + 1, "(", text)
-    first = True
+    first, index = True, 0
     while tokens[i : i + 1] != [("punct", ")")]:
         if not first:
             i = _expect(tokens, i, ",", text)
+        start = i
         i = _argument(tokens, i, text, function, first)
-        first = False
+        if function in _POWERS and index == 1:
+            _check_exponent(tokens[start:i], text)
+        first, index = False, index + 1
     return i + 1
+
+
+def _check_exponent(tokens: list, text: str) -> None:
+    """sympy evaluates a power of constants when it builds it: `Pow(Integer(2),
+    Integer(10**18))` would take the loading process's memory and time. An exponent (or
+    shift) must be a constant of at most 64, or contain a symbol (then nothing is computed)."""
+    if any(token == ("name", "Symbol") for token in tokens):
+        return
+    ints = [int(v) for kind, v in tokens if kind == "int"]
+    names = [v for kind, v in tokens if kind == "name"]
+    if len(ints) == 1 and set(names) <= {"Integer"} and abs(ints[0]) <= _MAX_EXPONENT:
+        return
+    raise Refused(
+        f"symbolic expression {text[:80]!r} raises to a constant power other than an "
+        f"integer of at most {_MAX_EXPONENT}"
+    )
 
 
 def _argument(tokens: list, i: int, text: str, function: str, first: bool) -> int:

@@ -167,6 +167,10 @@ def test_guards_code_from_the_file_never_runs(guarded, tmp_path):
         "Function('f')",
         "Subs(Symbol('s0'), Symbol('s0'), Integer(3))",
         "Symbol('s0', integer=True, positive=True, evaluate=True)",
+        # Well-formed and allowlisted, but sympy would compute them while loading:
+        "Pow(Integer(2), Integer(99999999999))",
+        "LShift(Integer(1), Mul(Integer(100000), Integer(100000)))",
+        "Mul(Integer(123456789012345678901234567890), Symbol('s0', integer=True))",
     ],
 )
 def test_a_well_formed_call_of_a_function_off_the_allowlist_is_refused(

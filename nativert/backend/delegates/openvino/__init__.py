@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
 from nativert.backend.delegates.openvino import support
-from nativert.backend.delegates.openvino.convert import THREADS, convert_segment
+from nativert.backend.delegates.openvino.convert import THREADS, check_values, convert_segment
 from nativert.backend.delegates.openvino.executor import OpenVinoExecutor
 from nativert.backend.delegates.openvino.payload import check_untrusted
 from nativert.delegate import Availability, CompileSpec, Delegate, package_versions
@@ -60,6 +61,10 @@ class OpenVinoDelegate(Delegate):
                 False, "missing Python package openvino (pip install 'nativert[openvino]')"
             )
         return Availability(True)
+
+    def check_compile_specs(self, specs: Mapping[str, Any]) -> None:
+        super().check_compile_specs(specs)
+        check_values(specs)
 
     def check_support(self, node: Node) -> str | None:
         return _table().check(node)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,19 +45,25 @@ def to_torch_dtype(element_type: Any) -> torch.dtype | None:
     return _OV_DTYPES.get(element_type.get_type_name())
 
 
+def check_values(values: Mapping[str, Any]) -> None:
+    """Raise ValueError naming a compile spec whose value is not one it takes."""
+    threads = values.get(THREADS)
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 1024
+    ):
+        raise ValueError(f"compile spec {THREADS!r} must be an int from 1 to 1024, got {threads!r}")
+
+
 def options(compile_specs: Sequence[CompileSpec]) -> dict[str, Any]:
     """The compile specs as a dict; unknown ones raise."""
     values = {spec.key: spec.value for spec in compile_specs}
     unknown = sorted(set(values) - {THREADS})
     if unknown:
         raise DelegateCompileError(f"openvino: unknown compile specs {unknown}; valid: {[THREADS]}")
-    threads = values.get(THREADS)
-    if threads is not None and (
-        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
-    ):
-        raise DelegateCompileError(
-            f"openvino: compile spec {THREADS!r} must be a positive int, got {threads!r}"
-        )
+    try:
+        check_values(values)
+    except ValueError as exc:
+        raise DelegateCompileError(f"openvino: {exc}") from None
     return values
 
 
