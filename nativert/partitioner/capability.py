@@ -229,14 +229,15 @@ def _regions_on_cycles(
     def vertex(node: Node) -> Any:
         return ("region", owner[node]) if node in owner else node
 
-    edges: dict[Any, list[Any]] = {}
+    successors: dict[Any, dict[Any, None]] = {}  # insertion-ordered sets
     for node in gm.graph.nodes:
         src = vertex(node)
-        targets = edges.setdefault(src, [])
+        targets = successors.setdefault(src, {})
         for user in node.users:
             dst = vertex(user)
-            if dst != src and dst not in targets:
-                targets.append(dst)
+            if dst != src:
+                targets[dst] = None
+    edges = {v: list(targets) for v, targets in successors.items()}
     cycles = []
     for component in _strongly_connected(edges):
         on_cycle = sorted(v[1] for v in component if isinstance(v, tuple))
