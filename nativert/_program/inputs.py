@@ -37,12 +37,15 @@ def _user_names(program: ExportedProgram, count: int) -> list[str]:
     return names
 
 
-def user_input_names(program: ExportedProgram) -> list[str]:
-    """The program's user inputs, in placeholder order, by the names a user passes them by
-    (`input`, not the placeholder `input_1`): what errors, `nativert inspect` and the
-    serving API all call them."""
-    count = sum(s.kind == InputKind.USER_INPUT for s in program.graph_signature.input_specs)
-    return _user_names(program, count)
+def user_inputs(program: ExportedProgram) -> list[tuple[str, Any]]:
+    """The program's user inputs, in placeholder order: each by the name a user passes it by
+    (`input`, not the placeholder `input_1`: what errors, `nativert inspect` and the serving
+    API all call it), with its placeholder's example value (a FakeTensor, or a constant)."""
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    specs = [s for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    names = _user_names(program, len(specs))
+    values = [placeholders[s.arg.name].meta.get("val") for s in specs]
+    return list(zip(names, values, strict=True))
 
 
 class InputSpecs:
@@ -52,11 +55,11 @@ class InputSpecs:
     def __init__(self, program: ExportedProgram, *, owner: str | None = None) -> None:
         """`owner` (e.g. "segment 'onnxruntime_0'") prefixes every error; inputs are then
         named by their placeholders, not by the user's argument names."""
-        placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
         specs = [s for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
-        self.values = [placeholders[s.arg.name].meta.get("val") for s in specs]
+        named = user_inputs(program)
+        self.values = [value for _, value in named]
         self.owner = owner
-        self.names = [s.arg.name for s in specs] if owner is not None else user_input_names(program)
+        self.names = [s.arg.name for s in specs] if owner is not None else [n for n, _ in named]
         self._seen: set[tuple] = set()  # signatures `validate` has checked already
         self.in_spec = program.call_spec.in_spec
         self.ranges = dict(program.range_constraints)

@@ -53,7 +53,7 @@ def inspect(args: argparse.Namespace) -> int:
     import os
 
     import nativert
-    from nativert._program.inputs import user_input_names
+    from nativert._program.inputs import user_inputs
     from nativert.backend.package import read_manifest
     from nativert.backend.package.load import read_call_specs
     from nativert.backend.package.treespecs import STANDARD_CONTAINERS, leaf_paths, spec_type
@@ -66,15 +66,9 @@ def inspect(args: argparse.Namespace) -> int:
     saved_out_spec = read_call_specs(args.package)["out_spec"]
     report = nativert.delegation_report(program)
     names = manifest.get("dim_names", {})
-    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     # The names a caller uses (the serving API's too), not the placeholders': `input`, which
     # the graph calls `input_1`.
-    inputs = [
-        {"name": name, **_describe(placeholders[placeholder].meta.get("val"), names)}
-        for name, placeholder in zip(
-            user_input_names(program), program.graph_signature.user_inputs, strict=True
-        )
-    ]
+    inputs = [{"name": name, **_describe(value, names)} for name, value in user_inputs(program)]
     user_outputs = set(program.graph_signature.user_outputs)
     output_nodes = [
         n for n in program.graph.output_node().args[0] if getattr(n, "name", None) in user_outputs
@@ -143,14 +137,11 @@ def inspect(args: argparse.Namespace) -> int:
 def _random_inputs(program, size: int) -> list[torch.Tensor]:
     """Inputs for every user input: dynamic dims at `size` (within their range)."""
     from nativert._program import finite_int
-    from nativert._program.inputs import user_input_names
+    from nativert._program.inputs import user_inputs
 
-    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     ranges = dict(program.range_constraints)
     inputs = []
-    user_inputs = program.graph_signature.user_inputs
-    for name, placeholder in zip(user_input_names(program), user_inputs, strict=True):
-        value = placeholders[placeholder].meta.get("val")
+    for name, value in user_inputs(program):
         if not isinstance(value, torch.Tensor):
             raise CliError(f"input {name!r} is not a tensor; bench feeds tensors only")
         shape = []
