@@ -328,10 +328,9 @@ class LoweredBackendModule(torch.nn.Module):
         out_spec = self._out_spec
         return pytree.tree_unflatten(user, out_spec) if out_spec is not None else tuple(user)
 
-    # -- copying ---------------------------------------------------------------------------
     def _structure_error(self, args: tuple, spec: pytree.TreeSpec) -> str:
         """Inputs that do not flatten like the exported ones: name the first argument that
-        should be a tensor and is not (a numpy array, a list), else show both structures."""
+        holds a container where one value was exported (a list), else show both structures."""
         where = f"lowered module {self.module_name!r}"
         expected = self._in_spec
         positional = expected.child(0).children() if expected.num_children else []
@@ -353,6 +352,7 @@ class LoweredBackendModule(torch.nn.Module):
             f"tensors: {list(self._input_names)}), got {short(spec)}"
         )
 
+    # -- copying ---------------------------------------------------------------------------
     def __deepcopy__(self, memo: dict[int, Any]) -> LoweredBackendModule:
         """Share payload, reference program and runtime; copy owned weights like any module.
 

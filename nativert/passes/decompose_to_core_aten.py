@@ -33,10 +33,7 @@ def decompose_to_core_aten(
     *,
     preserve: Iterable[torch._ops.OpOverload] = (),
 ) -> PassResult:
-    table = torch.export.default_decompositions()
-    for op in preserve:
-        table.pop(op, None)
-    table.update({op: fn for op, fn in _corrected().items() if op in table})
+    table = _ours(torch.export.default_decompositions(), preserve)
     before = [(n.op, n.target) for n in program.graph.nodes]
     decomposed = program.run_decompositions(table)
     after = [(n.op, n.target) for n in decomposed.graph.nodes]
@@ -51,8 +48,10 @@ def _multilabel_margin_loss_forward(input, target, reduction):
     dim = x.shape[1]
     torch._check(  # the op's own checks, as torch's decomposition makes them
         input.dim() <= 2 and dim != 0,
-        lambda: f"Expected non-empty vector or matrix with optional 0-dim batch size, but got: "
-        f"{input.shape}",
+        lambda: (
+            f"Expected non-empty vector or matrix with optional 0-dim batch size, but got: "
+            f"{input.shape}"
+        ),
     )
     torch._check(
         input.dim() <= 2 and target.shape == input.shape,
@@ -74,6 +73,15 @@ def _multilabel_margin_loss_forward(input, target, reduction):
     elif input.dim() <= 1:
         loss = loss.reshape(())
     return loss, is_target.to(input.dtype).reshape(target.shape)
+
+
+def _ours(table: dict, preserve: Iterable[torch._ops.OpOverload]) -> dict:
+    """`table` (changed in place) without the preserved ops, with our corrections: what both
+    paths decompose with."""
+    for op in preserve:
+        table.pop(op, None)
+    table.update({op: fn for op, fn in _corrected().items() if op in table})
+    return table
 
 
 @functools.cache
@@ -98,10 +106,7 @@ def decomposition_table(preserve: frozenset[torch._ops.OpOverload], *, training:
     """aot_autograd's decompositions: core ATen minus `preserve`, with the training fixes."""
     from torch._decomp import core_aten_decompositions, get_decompositions
 
-    table = dict(core_aten_decompositions())
-    for op in preserve:
-        table.pop(op, None)
-    table.update({op: fn for op, fn in _corrected().items() if op in table})
+    table = _ours(dict(core_aten_decompositions()), preserve)
     if training:
         for op in _WRONG_FOR_TRAINING:
             table.pop(op, None)
