@@ -19,8 +19,15 @@ from typing import Any
 
 import torch
 
-from nativert.delegate.contract import CompileSpec, Delegate, dict_to_specs
-from nativert.delegate.registry import get_delegate
+from nativert.delegate.contract import (
+    FP32,
+    PRECISION_SPEC,
+    PRECISIONS,
+    CompileSpec,
+    Delegate,
+    dict_to_specs,
+)
+from nativert.delegate.registry import get_delegate, list_delegates
 from nativert.errors import SettingsError, UnknownDelegateError
 
 DEFAULT_CACHE = "default"  # $NATIVERT_CACHE_DIR, else ~/.cache/nativert
@@ -32,8 +39,8 @@ OpLike = torch._ops.OpOverload | torch._ops.OpOverloadPacket | str
 class Cli:
     """How a setting is spelled on the command line (`nativert lower`).
 
-    kind: "list" (comma-separated), "int", "float", "bool" (--x / --no-x), "path" ("none":
-    None) or "spec" (repeatable DELEGATE.KEY=VALUE, the value read as JSON when it parses).
+    kind: "list" (comma-separated), "int", "float", "str", "bool" (--x / --no-x), "path"
+    ("none": None) or "spec" (repeatable DELEGATE.KEY=VALUE, the value read as JSON when it parses).
     """
 
     flag: str
@@ -120,6 +127,20 @@ class Settings:
         "remaining regions keep the default choice",
         cli=Cli("--autotune-budget-s", "float", "SECONDS"),
     )
+    precision: str = _setting(
+        FP32,
+        help="what delegates may compute in: 'fp32' (exact, the default), 'bf16' or 'fp16' "
+        "where a delegate offers it and the region stays within `accuracy`; program inputs "
+        "and outputs keep their dtypes",
+        cli=Cli("--precision", "str", "fp32|bf16|fp16"),
+    )
+    accuracy: float = _setting(
+        1e-2,
+        help="the largest relative error a region lowered below fp32 may have against fp32 "
+        "PyTorch on the example inputs (max |error| / max |fp32 output|); a region over it "
+        "is lowered in fp32, with a warning",
+        cli=Cli("--accuracy", "float", "RELATIVE_ERROR"),
+    )
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -148,6 +169,17 @@ class Settings:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
             raise SettingsError(f"setting autotune_budget_s must be a number > 0, got {budget!r}")
         set_(self, "autotune_budget_s", float(budget))
+        accuracy = self.accuracy
+        if (
+            isinstance(accuracy, bool)
+            or not isinstance(accuracy, (int, float))
+            or not (0 <= accuracy < float("inf"))
+        ):
+            raise SettingsError(
+                f"setting accuracy must be a relative error >= 0 (e.g. 1e-2), got {accuracy!r}"
+            )
+        set_(self, "accuracy", float(accuracy))
+        _precision(self.precision, self.delegates)
 
     @property
     def show_progress(self) -> bool:
@@ -178,10 +210,13 @@ class Settings:
 
     def specs_for(self, delegate: Delegate) -> tuple[CompileSpec, ...]:
         """The compile specs a delegate gets: its entry in `compile_specs`, plus
-        `num_threads` under the delegate's `thread_spec` key unless set there."""
+        `num_threads` under the delegate's `thread_spec` key and `precision` under
+        PRECISION_SPEC where the delegate offers it, unless set there."""
         specs = dict(self.compile_specs.get(delegate.backend_id, {}))
         if self.num_threads is not None and delegate.thread_spec is not None:
             specs.setdefault(delegate.thread_spec, self.num_threads)
+        if self.precision != FP32 and self.precision in delegate.precisions():
+            specs.setdefault(PRECISION_SPEC, self.precision)
         return tuple(dict_to_specs(specs))
 
 
@@ -219,6 +254,23 @@ def _delegates(delegates: Any) -> tuple[str, ...] | None:
     if len(set(delegates)) != len(delegates):
         raise SettingsError(f"setting delegates names a delegate twice: {list(delegates)}")
     return delegates
+
+
+def _precision(precision: Any, delegates: tuple[str, ...] | None) -> None:
+    """A known precision that some delegate (of those named, else of those available)
+    offers on this machine; else a SettingsError saying what each one offers."""
+    if precision == FP32:
+        return
+    ids = delegates if delegates is not None else list_delegates(available_only=True)
+    offered = {b: get_delegate(b).precisions() for b in ids}
+    if precision in PRECISIONS and any(precision in p for p in offered.values()):
+        return
+    each = "; ".join(f"{b}: {', '.join(p)}" for b, p in offered.items())
+    what = "unknown" if precision not in PRECISIONS else "not offered here"
+    raise SettingsError(
+        f"setting precision={precision!r} is {what}: precisions are {list(PRECISIONS)}, and "
+        f"the {'named' if delegates is not None else 'available'} delegates offer {each}"
+    )
 
 
 def _ops(ops: Any, name: str) -> tuple[str, ...]:

@@ -98,6 +98,8 @@ _WRONG_TYPES = {
     "progress": ["yes", 1, 0],
     "autotune": ["yes", 1, 0, None],
     "autotune_budget_s": ["10", True, None, [1]],
+    "precision": [16, None, ["bf16"], "int4", "BF16"],
+    "accuracy": ["0.1", True, None, -1.0, float("nan"), float("inf")],
 }
 
 
@@ -120,6 +122,30 @@ def test_num_threads_reaches_every_delegate_that_takes_a_thread_count():
     assert settings.specs_for(eager) == ()  # takes no thread count
     explicit = Settings(num_threads=3, compile_specs={"onnxruntime": {"intra_op_num_threads": 1}})
     assert explicit.specs_for(ort) == (nativert.CompileSpec("intra_op_num_threads", 1),)
+
+
+def test_a_precision_no_named_delegate_offers_is_refused_naming_what_each_offers():
+    with pytest.raises(nativert.SettingsError) as caught:
+        Settings(precision="bf16", delegates=["onnxruntime", "eager"])
+    assert "precision='bf16' is not offered here" in str(caught.value)
+    assert "onnxruntime: fp32; eager: fp32" in str(caught.value)
+    with pytest.raises(nativert.SettingsError, match=r"'int4' is unknown: precisions are \['fp32'"):
+        Settings(precision="int4")
+
+
+def test_precision_reaches_exactly_the_delegates_that_offer_it():
+    aoti, ort = nativert.get_delegate("aoti"), nativert.get_delegate("onnxruntime")
+    if not aoti.is_available():
+        pytest.skip(aoti.is_available().reason)
+    settings = Settings(precision="bf16", delegates=["onnxruntime", "aoti"])
+    assert settings.specs_for(aoti) == (nativert.CompileSpec("precision", "bf16"),)
+    assert settings.specs_for(ort) == ()  # fp32 only: it computes as before
+    assert Settings().specs_for(aoti) == ()  # fp32 is no compile spec: payloads as before
+    # a compile spec set for the delegate wins over the setting
+    explicit = Settings(precision="bf16", compile_specs={"aoti": {"precision": "fp32"}})
+    assert explicit.specs_for(aoti) == (nativert.CompileSpec("precision", "fp32"),)
+    with pytest.raises(nativert.SettingsError, match=r"has no compile specs \['precision'\]"):
+        Settings(compile_specs={"onnxruntime": {"precision": "bf16"}})
 
 
 def test_a_partitioner_and_partitioning_settings_do_not_mix():
@@ -152,6 +178,8 @@ SAMPLES = {
     "progress": (True, ["--progress"], True),
     "autotune": (True, ["--autotune"], True),
     "autotune_budget_s": (12.5, ["--autotune-budget-s", "12.5"], 12.5),
+    "precision": ("bf16", ["--precision", "bf16"], "bf16"),
+    "accuracy": (0.05, ["--accuracy", "0.05"], 0.05),
 }
 
 

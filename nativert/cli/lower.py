@@ -170,7 +170,13 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
         elif cli.kind == "spec":
             group.add_argument(cli.flag, action="append", metavar=cli.metavar, **common)
         else:
-            parse = {"list": _comma_list, "int": int, "float": float, "path": _path_or_none}
+            parse = {
+                "list": _comma_list,
+                "int": int,
+                "float": float,
+                "str": str,
+                "path": _path_or_none,
+            }
             parse = parse[cli.kind]
             group.add_argument(cli.flag, type=parse, metavar=cli.metavar, **common)
 

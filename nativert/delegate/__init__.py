@@ -7,6 +7,10 @@ segment's reference graph. Nothing here imports from the layers above.
 """
 
 from nativert.delegate.contract import (
+    FP32,
+    PRECISION_SPEC,
+    PRECISIONS,
+    TORCH_DTYPES,
     Availability,
     CompileSpec,
     Delegate,
@@ -14,6 +18,7 @@ from nativert.delegate.contract import (
     StagedWeights,
     dict_to_specs,
     package_versions,
+    spec_precision,
 )
 from nativert.delegate.reference import ReferenceExecutor
 from nativert.delegate.registry import (
@@ -37,6 +42,10 @@ from nativert.delegate.support import (
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "FP32",
+    "PRECISIONS",
+    "PRECISION_SPEC",
+    "TORCH_DTYPES",
     "Availability",
     "CompileSpec",
     "Delegate",
@@ -55,6 +64,7 @@ __all__ = [
     "max_rank",
     "package_versions",
     "register_delegate",
+    "spec_precision",
     "require_available",
     "static_shapes",
     "unregister_delegate",

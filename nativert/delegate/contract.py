@@ -52,6 +52,24 @@ def dict_to_specs(options: Mapping[str, JSONValue] | None) -> list[CompileSpec]:
     return [CompileSpec(key, value) for key, value in sorted((options or {}).items())]
 
 
+# The precisions nativert knows, and the compile spec that asks a delegate for one. Every
+# delegate that offers more than fp32 (`Delegate.precisions`) takes it; its absence is fp32.
+FP32 = "fp32"
+PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISION_SPEC = "precision"
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def spec_precision(compile_specs: Sequence[CompileSpec] | Mapping[str, JSONValue]) -> str:
+    """The precision compile specs ask for ("fp32" when they do not say)."""
+    if isinstance(compile_specs, Mapping):
+        return str(compile_specs.get(PRECISION_SPEC, FP32))
+    for spec in compile_specs:
+        if spec.key == PRECISION_SPEC:
+            return str(spec.value)
+    return FP32
+
+
 @dataclasses.dataclass(frozen=True)
 class Availability:
     """Whether a delegate's runtime can be used here; falsy with the reason when it cannot."""
@@ -122,6 +140,17 @@ class Delegate(abc.ABC):
             engine), so `nativert.load` refuses such segments of a package unless the caller
             trusts the file. True by default: nativert cannot know what a third-party
             delegate's payload does.
+        fast_compile: compiling a region takes well under a second. Under a `precision`
+            setting below fp32, the delegates that offer it and compile fast are offered
+            regions first even when they are not default candidates (openvino); slow ones
+            (aoti, tensorrt) only when named or by autotune.
+
+    Precision: `precisions()` names what the delegate may compute in here ("fp32" always
+    first). A delegate offering more takes the `precision` compile spec (it lists
+    PRECISION_SPEC in `compile_spec_keys`; the base `check_compile_specs` checks the value)
+    and realises it its own way: a runtime
+    switch (openvino), or `nativert.passes.lower_precision` on the segment (aoti). Inputs and
+    outputs of a segment keep their dtypes whatever it computes in.
     """
 
     backend_id: ClassVar[str] = ""
@@ -134,6 +163,11 @@ class Delegate(abc.ABC):
     compile_spec_keys: ClassVar[frozenset[str] | None] = frozenset()
     hybrid_compile_specs: ClassVar[Mapping[str, JSONValue]] = {}
     executes_native_code: ClassVar[bool] = True
+    fast_compile: ClassVar[bool] = True
+
+    def precisions(self) -> tuple[str, ...]:
+        """What this delegate may compute in, here (it may depend on the CPU or GPU)."""
+        return (FP32,)
 
     def is_available(self) -> Availability:
         """Whether its runtime works here; falsy with the reason (what to install) if not."""
@@ -154,13 +188,27 @@ class Delegate(abc.ABC):
 
     def check_compile_specs(self, specs: Mapping[str, JSONValue]) -> None:
         """Raise ValueError naming a compile spec this delegate does not take."""
-        if self.compile_spec_keys is None:
-            return
-        unknown = sorted(set(specs) - self.compile_spec_keys)
-        if unknown:
+        if self.compile_spec_keys is not None:
+            unknown = sorted(set(specs) - self.compile_spec_keys)
+            if unknown:
+                raise ValueError(
+                    f"delegate {self.backend_id!r} has no compile specs {unknown}; valid: "
+                    f"{sorted(self.compile_spec_keys)}"
+                )
+        self.check_precision_spec(specs)
+
+    def check_precision_spec(self, specs: Mapping[str, JSONValue]) -> None:
+        """Raise ValueError when specs ask for a precision nativert does not know.
+
+        Not judged by what this machine offers: a package lowered for bf16 elsewhere still
+        loads, and the delegate honours the spec as well as its runtime can here (the
+        `precision` setting is where "not offered here" is refused). A delegate takes the
+        spec at all by listing PRECISION_SPEC in `compile_spec_keys`."""
+        value = specs.get(PRECISION_SPEC, FP32)
+        if value not in PRECISIONS:
             raise ValueError(
-                f"delegate {self.backend_id!r} has no compile specs {unknown}; valid: "
-                f"{sorted(self.compile_spec_keys)}"
+                f"compile spec {PRECISION_SPEC!r} must be one of {list(PRECISIONS)}, got "
+                f"{value!r}"
             )
 
     def check_payload(self, payload: bytes) -> None:

@@ -83,12 +83,20 @@ def list_delegates(*, available_only: bool = False) -> list[str]:
     return [d.backend_id for d in delegates if not available_only or d.is_available()]
 
 
-def default_delegates() -> list[Delegate]:
+def default_delegates(precision: str = "fp32") -> list[Delegate]:
     """The candidates when nobody names delegates: every available delegate that is a
-    default candidate, in priority order; reference delegates only when nothing else is."""
+    default candidate, in priority order; reference delegates only when nothing else is.
+    Under a lower `precision`, the available delegates that offer it and compile fast come
+    first (a runtime that computes in bf16 is what the setting asks for)."""
     available = [get_delegate(b) for b in list_delegates(available_only=True)]
     candidates = [d for d in available if d.default_candidate]
-    return [d for d in candidates if not d.reference] or candidates
+    candidates = [d for d in candidates if not d.reference] or candidates
+    if precision == "fp32":
+        return candidates
+    first = [
+        d for d in available if precision in d.precisions() and d.fast_compile and not d.reference
+    ]
+    return first + [d for d in candidates if d not in first]
 
 
 def require_available(delegate: Delegate) -> None:

@@ -104,7 +104,7 @@ class CapabilityPartitioner:
     def candidates(self) -> list[Delegate]:
         """The delegates it assigns nodes to, in priority order."""
         if self.settings.delegates is None:
-            return default_delegates()
+            return default_delegates(self.settings.precision)
         chosen = [get_delegate(b) for b in self.settings.delegates]
         for delegate in chosen:
             require_available(delegate)
