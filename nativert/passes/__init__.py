@@ -12,6 +12,7 @@ from nativert.passes.eliminate_common_subexpressions import eliminate_common_sub
 from nativert.passes.eliminate_dead_code import eliminate_dead_code
 from nativert.passes.fold_constants import fold_constants
 from nativert.passes.fuse_conv_batchnorm import fuse_conv_batchnorm
+from nativert.passes.lower_precision import lower_precision
 from nativert.passes.manager import (
     PassError,
     PassRecord,
@@ -49,6 +50,7 @@ __all__ = [
     "fold_constants",
     "fuse_conv_batchnorm",
     "keeping_composite_ops_whole",
+    "lower_precision",
     "pass_name",
     "pin_output_views_of_inputs",
     "refold_weights",

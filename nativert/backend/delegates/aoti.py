@@ -21,6 +21,13 @@ across delegates (see the Executor). A call whose snapshot is older than the las
 call that was in flight across the swap, runs the reference graph with its snapshot's
 weights: correct, slower, rare.
 
+Precision: a segment lowered below fp32 (the `precision` compile spec) is rewritten by
+`nativert.passes.lower_precision` (casts where float32 weights and inputs enter, float32
+outputs) and compiled with runtime constant folding, so AOTInductor converts the weights
+once (and again after a weight swap, on the first call) instead of on every call. It offers
+bf16 on every CPU (where the CPU has no bf16 instructions inductor emulates them, slower than
+fp32: autotune measures) and fp16 where CUDA is available.
+
 AOTInductor compiles take seconds, so `aoti` is not a default candidate: name it
 (`CapabilityPartitioner(["onnxruntime", "aoti"])`, `options={"delegates": [...]}`).
 """
@@ -41,7 +48,15 @@ from torch.export import ExportedProgram
 from torch.fx import Node
 
 from nativert._program import placeholder_values, unalias_outputs, validate_weights, weight_names
-from nativert.delegate import Availability, CompileSpec, Delegate, StagedWeights
+from nativert.delegate import (
+    FP32,
+    PRECISION_SPEC,
+    TORCH_DTYPES,
+    Availability,
+    CompileSpec,
+    Delegate,
+    StagedWeights,
+)
 from nativert.errors import DelegateCallError, DelegateCompileError, NativertError, WeightsError
 
 # Set by the delegate; a compile spec cannot change them (see the module docstring).
@@ -50,6 +65,7 @@ _FIXED_CONFIG = {
     "always_keep_tensor_constants": True,
 }
 _MODEL_DIR = "/data/aotinductor/"
+_FOLDED_PREFIX = "_FOLDED_CONST_"
 
 
 def _segment_device(program: ExportedProgram) -> torch.device:
@@ -158,7 +174,13 @@ class AotiExecutor(StagedWeights):
         ]
         self._device = _segment_device(reference)
         self._runner = _load_runner(payload, self._device)
-        fqns = self._runner.get_constant_names_to_original_fqns()
+        fqns = {
+            name: fqn
+            for name, fqn in self._runner.get_constant_names_to_original_fqns().items()
+            # Runtime constant folding's results (a lower-precision segment's converted
+            # weights): computed by the runner from the weights, never passed in.
+            if not name.startswith(_FOLDED_PREFIX)
+        }
         unknown = sorted(set(fqns.values()) - set(self.weight_names))
         if unknown:
             raise NativertError(
@@ -273,15 +295,20 @@ class AotiDelegate(Delegate):
     cacheable = True
     compile_spec_keys = None  # Inductor config options: checked by check_compile_specs
     executes_native_code = True  # the payload is a shared library
+    fast_compile = False
+
+    def precisions(self) -> tuple[str, ...]:
+        return (FP32, "bf16", *(("fp16",) if torch.cuda.is_available() else ()))
 
     def check_compile_specs(self, specs: Mapping[str, Any]) -> None:
         from torch._inductor import config
 
+        self.check_precision_spec(specs)
         fixed = sorted(set(specs) & set(_FIXED_CONFIG))
         if fixed:
             raise ValueError(f"compile specs {fixed} are set by the aoti delegate")
         known = config.get_config_copy()
-        unknown = sorted(set(specs) - set(known))
+        unknown = sorted(set(specs) - set(known) - {PRECISION_SPEC})
         if unknown:
             raise ValueError(
                 f"{unknown} are not Inductor config options (torch._inductor.config); aoti "
@@ -307,6 +334,15 @@ class AotiDelegate(Delegate):
         if fixed:
             raise DelegateCompileError(f"aoti: compile specs {fixed} are set by the delegate")
         config.update(_FIXED_CONFIG)
+        precision = config.pop(PRECISION_SPEC, FP32)
+        if precision != FP32:
+            from nativert.passes.lower_precision import lower_precision
+
+            try:
+                program = lower_precision(program, TORCH_DTYPES[precision]).program
+            except (KeyError, ValueError) as exc:
+                raise DelegateCompileError(f"aoti: precision {precision!r}: {exc}") from exc
+            config["aot_inductor.use_runtime_constant_folding"] = True
         _segment_device(program)
         if program.example_inputs is None:  # AOTInductor wants them (for its checks)
             program.example_inputs = (_example_inputs(program), {})
