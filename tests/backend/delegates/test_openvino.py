@@ -151,6 +151,10 @@ SAMPLES = {
     aten.var.correction: lambda t: (t(2, 5), [1]),
     aten.cumsum.default: lambda t: (t(2, 5), 1),
     aten.native_layer_norm.default: lambda t: (t(2, 4), [4], r(4), r(4), 1e-5),
+    aten.layer_norm.default: lambda t: (t(2, 4), [4], r(4), r(4), 1e-5),
+    aten.group_norm.default: lambda t: (t(2, 4, 3), 2, r(4), r(4), 1e-5),
+    aten.topk.default: lambda t: (t(2, 7), 3),
+    aten.index.Tensor: lambda t: (t(5, 3), [idx(5, 4)]),
     aten._native_batch_norm_legit_no_training.default: lambda t: (
         t(2, 3, 4),
         r(3),

@@ -32,15 +32,31 @@ from torch.export import ExportedProgram
 from torch.fx import Node
 
 from nativert.backend.delegates.openvino import support
-from nativert.backend.delegates.openvino.convert import THREADS, check_values, convert_segment
+from nativert.backend.delegates.openvino.convert import (
+    CAPABILITIES,
+    SPEC_KEYS,
+    THREADS,
+    check_values,
+    convert_segment,
+)
 from nativert.backend.delegates.openvino.executor import OpenVinoExecutor
 from nativert.backend.delegates.openvino.payload import check_untrusted
-from nativert.delegate import Availability, CompileSpec, Delegate, package_versions
+from nativert.delegate import FP32, Availability, CompileSpec, Delegate, package_versions
 
 
 @functools.cache
 def _table():
     return support.build_table()
+
+
+@functools.cache
+def _cpu_precisions() -> tuple[str, ...]:
+    """fp32, plus what the CPU plugin computes natively here (bf16 on CPUs with AVX512-BF16
+    or AMX; it silently computes f32 when asked for a precision the CPU lacks)."""
+    import openvino as ov
+
+    capabilities = set(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    return (FP32, *(p for p, cap in CAPABILITIES.items() if cap in capabilities))
 
 
 class OpenVinoDelegate(Delegate):
@@ -49,11 +65,15 @@ class OpenVinoDelegate(Delegate):
     default_candidate = False  # used when named, or by autotune
     cacheable = True  # payloads carry no weight data
     thread_spec = THREADS
-    compile_spec_keys = frozenset({THREADS})
+    compile_spec_keys = SPEC_KEYS
     executes_native_code = False  # an IR of built-in opsets (check_payload)
 
     def toolchain(self) -> dict[str, str]:
         return package_versions("openvino")
+
+    def precisions(self) -> tuple[str, ...]:
+        # INFERENCE_PRECISION_HINT: OpenVINO converts weights and picks its bf16 kernels.
+        return _cpu_precisions() if self.is_available() else (FP32,)
 
     def is_available(self) -> Availability:
         if importlib.util.find_spec("openvino") is None:

@@ -19,6 +19,8 @@ check (it will be checked when a package is loaded).
 
 from __future__ import annotations
 
+import math
+import operator
 import os
 import tempfile
 import warnings
@@ -31,10 +33,14 @@ from torch.export.graph_signature import InputKind
 
 from nativert._program import copy_graph_module, placeholder_values, weight_names
 from nativert.backend.delegates.openvino.payload import Payload, check_untrusted, pack
-from nativert.delegate import CompileSpec
+from nativert.delegate import PRECISION_SPEC, PRECISIONS, CompileSpec
 from nativert.errors import DelegateCompileError
 
+aten = torch.ops.aten
 THREADS = "inference_num_threads"
+SPEC_KEYS = frozenset({THREADS, PRECISION_SPEC})
+# nativert precision -> the CPU plugin's OPTIMIZATION_CAPABILITIES entry that makes it real.
+CAPABILITIES = {"bf16": "BF16", "fp16": "FP16"}
 # The dtypes the executor binds (the support table keeps every other one out of segments).
 DTYPES = (torch.float32, torch.int64, torch.int32, torch.bool)
 _OV_DTYPES = {"f32": torch.float32, "i64": torch.int64, "i32": torch.int32, "boolean": torch.bool}
@@ -52,14 +58,21 @@ def check_values(values: Mapping[str, Any]) -> None:
         isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 1024
     ):
         raise ValueError(f"compile spec {THREADS!r} must be an int from 1 to 1024, got {threads!r}")
+    precision = values.get(PRECISION_SPEC, "fp32")
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"compile spec {PRECISION_SPEC!r} must be one of {list(PRECISIONS)}, got {precision!r}"
+        )
 
 
 def options(compile_specs: Sequence[CompileSpec]) -> dict[str, Any]:
     """The compile specs as a dict; unknown ones raise."""
     values = {spec.key: spec.value for spec in compile_specs}
-    unknown = sorted(set(values) - {THREADS})
+    unknown = sorted(set(values) - SPEC_KEYS)
     if unknown:
-        raise DelegateCompileError(f"openvino: unknown compile specs {unknown}; valid: {[THREADS]}")
+        raise DelegateCompileError(
+            f"openvino: unknown compile specs {unknown}; valid: {sorted(SPEC_KEYS)}"
+        )
     try:
         check_values(values)
     except ValueError as exc:
@@ -67,19 +80,62 @@ def options(compile_specs: Sequence[CompileSpec]) -> dict[str, Any]:
     return values
 
 
-def _reshapes_as_views(program: ExportedProgram) -> torch.fx.GraphModule:
-    """The segment's graph module, with `reshape` spelled `view`: lowering turns a segment's
-    views into reshapes (lowering._views_to_reshapes), and the frontend converts only `view`
-    (to a Reshape, which has no strides to check)."""
-    reshape = torch.ops.aten.reshape.default
-    if not any(n.target is reshape for n in program.graph.nodes):
+def _frontend_spelling(program: ExportedProgram) -> torch.fx.GraphModule:
+    """The segment's graph module, spelled the way OpenVINO's FX frontend converts it:
+    - `reshape` as `view`: lowering turns a segment's views into reshapes
+      (lowering._views_to_reshapes), and the frontend converts only `view` (to a Reshape,
+      which has no strides to check);
+    - `layer_norm` and `group_norm` (kept whole by decomposition for the runtimes that fuse
+      them) as output 0 of `native_layer_norm` / `native_group_norm`, which it converts to
+      the same MVN-based subgraph (group_norm with static shapes: the support table checks)."""
+    targets = {aten.reshape.default, aten.layer_norm.default, aten.group_norm.default}
+    if not any(n.target in targets for n in program.graph.nodes):
         return program.graph_module
     gm = copy_graph_module(program)
-    for node in gm.graph.nodes:
-        if node.target is reshape:
-            node.target = torch.ops.aten.view.default
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.target is aten.reshape.default:
+            node.target = aten.view.default
+        elif node.target in (aten.layer_norm.default, aten.group_norm.default):
+            with graph.inserting_before(node):
+                native = graph.call_function(*_native_norm(node))
+                first = graph.call_function(operator.getitem, (native, 0))
+            first.meta = dict(node.meta)
+            node.replace_all_uses_with(first)
+            graph.erase_node(node)
+    graph.lint()
     gm.recompile()
     return gm
+
+
+def _native_norm(node: torch.fx.Node) -> tuple[Any, tuple[Any, ...]]:
+    """The native_* call (target, args) that computes `node`'s layer_norm / group_norm."""
+    if node.target is aten.layer_norm.default:
+        names = ("input", "normalized_shape", "weight", "bias", "eps")
+        defaults = {"weight": None, "bias": None, "eps": 1e-5}
+        args = _bound(node, names, defaults)
+        return aten.native_layer_norm.default, tuple(args[n] for n in names)
+    names = ("input", "num_groups", "weight", "bias", "eps")
+    args = _bound(node, names, {"weight": None, "bias": None, "eps": 1e-5})
+    shape = [int(d) for d in node.args[0].meta["val"].shape]
+    n, c, hw = shape[0], shape[1], math.prod(shape[2:])
+    return aten.native_group_norm.default, (
+        args["input"],
+        args["weight"],
+        args["bias"],
+        n,
+        c,
+        hw,
+        args["num_groups"],
+        args["eps"],
+    )
+
+
+def _bound(node: torch.fx.Node, names: Sequence[str], defaults: Mapping[str, Any]) -> dict:
+    bound = dict(defaults)
+    bound.update(zip(names, node.args, strict=False))
+    bound.update({k: v for k, v in node.kwargs.items() if k in names})
+    return bound
 
 
 def _frontend_convert(program: ExportedProgram) -> Any:
@@ -103,7 +159,7 @@ def _frontend_convert(program: ExportedProgram) -> Any:
     frontend = FrontEndManager().load_by_framework("pytorch")
     # The decoder must outlive convert(): the C++ side calls back into it.
     decoder = TorchFXPythonDecoder(
-        _reshapes_as_views(program), input_shapes=shapes, input_types=types, dynamic_shapes=False
+        _frontend_spelling(program), input_shapes=shapes, input_types=types, dynamic_shapes=False
     )
     model = frontend.convert(frontend.load(decoder))
     apply_moc_transformations(model, cf=False, smart_reshape=True)

@@ -7,9 +7,10 @@ folds and pre-packs them as it would embedded weights. `process_weights` validat
 builds and stages a new compiled model; `commit_weights` switches atomically (StagedWeights);
 calls in flight finish on the compiled model they started with.
 
-Compile settings: float32 inference precision (no bf16/f16 downcast where the CPU has it, so
-results match eager), the LATENCY hint (one stream) and the thread count from the compile
-specs (default: torch's).
+Compile settings: the inference precision the `precision` compile spec names, float32 by
+default (no bf16/f16 downcast where the CPU has it, so results match eager; bf16 makes the
+CPU plugin convert the weights once and use its bf16/AMX kernels), the LATENCY hint (one
+stream) and the thread count from the compile specs (default: torch's).
 
 Run: one InferRequest per thread per compiled model (a request must not be shared by
 concurrent calls). Inputs are bound zero copy (an ov.Tensor over the torch tensor's memory,
@@ -32,7 +33,7 @@ from torch.export import ExportedProgram
 from nativert._program import placeholder_values, validate_weights, weight_names
 from nativert.backend.delegates.openvino.convert import DTYPES, THREADS, options
 from nativert.backend.delegates.openvino.payload import unpack
-from nativert.delegate import CompileSpec, StagedWeights
+from nativert.delegate import PRECISION_SPEC, CompileSpec, StagedWeights
 from nativert.errors import DelegateCallError, DelegateLoadError
 
 
@@ -81,9 +82,13 @@ class OpenVinoExecutor(StagedWeights):
 
         self._ov = ov
         self._name = "openvino"
-        threads = options(compile_specs).get(THREADS) or torch.get_num_threads()
+        values = options(compile_specs)
+        threads = values.get(THREADS) or torch.get_num_threads()
+        precision = {"fp32": ov.Type.f32, "bf16": ov.Type.bf16, "fp16": ov.Type.f16}[
+            values.get(PRECISION_SPEC, "fp32")
+        ]
         self._config = {
-            ov.properties.hint.inference_precision: ov.Type.f32,
+            ov.properties.hint.inference_precision: precision,
             ov.properties.hint.performance_mode: ov.properties.hint.PerformanceMode.LATENCY,
             ov.properties.inference_num_threads: int(threads),
         }

@@ -7,10 +7,14 @@ eager, per dtype. tests/backend/delegates/test_openvino.py runs every op in the 
 every dtype the table allows it and fails by name when one stops converting or matching.
 
 Left out, and why:
-- layer_norm, group_norm, softplus, elu, trunc, sub.Scalar: no converter (or it fails);
-  native_layer_norm and native_group_norm (what decomposition leaves) are in.
-- lstm.input: the converter rejects core ATen's form; native_dropout: wrong outputs;
-  topk: index order among ties differs from torch's; index.Tensor: only simple cases checked.
+- softplus, elu, trunc, sub.Scalar: no converter (or it fails). layer_norm and group_norm
+  have none either, but are in: kept whole by decomposition (as for onnxruntime), they are
+  respelled as their native_* forms before conversion (convert._frontend_spelling);
+  group_norm only with static shapes.
+- lstm.input: the converter rejects core ATen's form; native_dropout: wrong outputs.
+- index.Tensor beyond one index tensor on the first dimension (`x[idx]`): not checked.
+- topk is in; among equal values the order of the indices it returns may differ from
+  torch's (torch does not specify that order either).
 - float64, float16, bfloat16: the CPU plugin computes them in float32 (f16/bf16 results
   would also round differently from eager's per-op rounding).
 - int64 *data*: the CPU plugin narrows int64 to int32 (2**40 + 2**40 gives 0, even with
@@ -35,10 +39,13 @@ from nativert.delegate.support import SupportTable
 
 aten = torch.ops.aten
 
-# Ops decomposition keeps whole for OpenVINO: its fused SDPA kernel (and MatMul on linear).
+# Ops decomposition keeps whole for OpenVINO: its fused SDPA kernel, MatMul on linear, and
+# its MVN normalizations (one node each instead of the mean/var/rsqrt chains).
 PRESERVED = (
     aten.linear.default,
     aten.scaled_dot_product_attention.default,
+    aten.layer_norm.default,
+    aten.group_norm.default,
 )
 
 FLOAT = frozenset({torch.float32})
@@ -49,6 +56,8 @@ ANY = frozenset({torch.float32, torch.int32, torch.bool})
 # op -> the dtypes its tensors may have (besides int64 where INT64_* allow it).
 DTYPES: dict[torch._ops.OpOverload, frozenset[torch.dtype]] = {
     **dict.fromkeys(PRESERVED, FLOAT),
+    aten.topk.default: FLOAT,
+    aten.index.Tensor: ANY,
     # elementwise, unary
     **dict.fromkeys(
         (
@@ -186,6 +195,7 @@ ARG_DTYPES: dict[torch._ops.OpOverload, dict[int | str, frozenset[torch.dtype]]]
     aten.embedding.default: {1: INDICES, "indices": INDICES},
     aten.index_select.default: {2: INDICES, "index": INDICES},
     aten.gather.default: {2: INDICES, "index": INDICES},
+    aten.index.Tensor: {1: INDICES, "indices": INDICES},
     aten.scaled_dot_product_attention.default: {
         3: frozenset({torch.float32, torch.bool}),
         "attn_mask": frozenset({torch.float32, torch.bool}),
@@ -198,6 +208,7 @@ INT64_INDEX_OUTPUTS = frozenset(
         aten.argmin.default,
         aten.max.dim,
         aten.max_pool2d_with_indices.default,
+        aten.topk.default,
     }
 )
 # Creation ops that may make int64 tensors from int32-sized literals.
@@ -286,7 +297,26 @@ def _var(node: Node) -> str | None:
     return None
 
 
+def _static_shapes(node: Node) -> str | None:
+    value = node.args[0].meta.get("val") if isinstance(node.args[0], Node) else None
+    if not isinstance(value, torch.Tensor) or not all(isinstance(d, int) for d in value.shape):
+        return "dynamic shapes (the native form needs the batch and channel counts)"
+    return None
+
+
+def _one_index(node: Node) -> str | None:
+    indices = node.args[1] if len(node.args) > 1 else node.kwargs.get("indices")
+    if not isinstance(indices, (list, tuple)) or len(indices) != 1:
+        return "more than one index tensor (only x[idx] is checked)"
+    value = indices[0].meta.get("val") if isinstance(indices[0], Node) else None
+    if not isinstance(value, torch.Tensor) or value.dtype not in INDICES:
+        return "a boolean mask or a missing index (only integer indices are checked)"
+    return None
+
+
 CHECKS = {
+    aten.group_norm.default: _static_shapes,
+    aten.index.Tensor: _one_index,
     aten.native_layer_norm.default: _first_output_only,
     aten.native_group_norm.default: _first_output_only,
     aten._native_batch_norm_legit_no_training.default: _first_output_only,
