@@ -34,9 +34,16 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
 from nativert._program import find_nondifferentiable_outputs, weight_names, weight_tensor
+from nativert._program.accuracy import Accuracy
 from nativert._program.inputs import InputSpecs
 from nativert.call_delegate import call_delegate
-from nativert.delegate import CompileSpec, DelegateExecutor, ReferenceExecutor, get_delegate
+from nativert.delegate import (
+    CompileSpec,
+    DelegateExecutor,
+    ReferenceExecutor,
+    get_delegate,
+    spec_precision,
+)
 from nativert.errors import DelegateCallError, DelegateLoadError, NativertError
 
 _EXECUTOR_METHODS = tuple(m for m in vars(DelegateExecutor) if not m.startswith("_"))
@@ -121,6 +128,7 @@ class LoweredBackendModule(torch.nn.Module):
         nondifferentiable_outputs: Sequence[int] | None = None,
         reference_reason: str | None = None,
         runtime: DelegateRuntime | None = None,
+        accuracy: Accuracy | None = None,
     ) -> None:
         super().__init__()
         self.backend_id = backend_id
@@ -135,6 +143,9 @@ class LoweredBackendModule(torch.nn.Module):
         # Set when this segment's delegate cannot run here (a package loaded where its
         # runtime is missing): the reference program runs instead, and this says why.
         self.reference_reason = reference_reason
+        # Computed below fp32 (the `precision` compile spec): its measured error against
+        # fp32 PyTorch on the example inputs, when lowering measured it.
+        self.accuracy = accuracy
 
         names = weight_names(original_module)
         self.weight_names = names
@@ -234,6 +245,7 @@ class LoweredBackendModule(torch.nn.Module):
             nondifferentiable_outputs=self.nondifferentiable_outputs,
             reference_reason=self.reference_reason,
             runtime=self._runtime,
+            accuracy=self.accuracy,
         )
 
     # -- the runtime -----------------------------------------------------------------------
@@ -269,6 +281,11 @@ class LoweredBackendModule(torch.nn.Module):
         return self._runtime.built(
             lambda: [weight_tensor(self.original_module, n) for n in self.weight_names]
         )
+
+    @property
+    def precision(self) -> str:
+        """What the delegate computes in ("fp32" unless a compile spec says otherwise)."""
+        return spec_precision(self.compile_specs)
 
     @property
     def num_weights(self) -> int:

@@ -10,8 +10,9 @@ PIN_KEY = "nativert_keep_in_pytorch"
 INPUT_KIND_KEY = "nativert_input_kind"
 # The signature name a placeholder answers to (graph copies may rename placeholders).
 ARG_NAME_KEY = "nativert_signature_name"
-# On a call_delegate node: what autotune measured for its region, one line for the report.
-TUNING_KEY = "nativert_autotune"
+# On a call_delegate node: what autotune or the accuracy guard measured for its region, one
+# line for the report.
+NOTE_KEY = "nativert_note"
 # On a segment's node: the op the program had there, when lowering respelled it (a view
 # made a reshape); the delegation report counts the program's op.
 SOURCE_OP_KEY = "nativert_source_op"

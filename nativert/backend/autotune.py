@@ -40,16 +40,16 @@ from typing import Any
 
 import torch
 from torch.export import ExportedProgram
-from torch.export.graph_signature import InputKind
 from torch.fx import Node
 
-from nativert._program import WEIGHT_KINDS, copy_graph_module, rebuild_program, weight_tensor
-from nativert._program.inputs import InputSpecs
-from nativert._program.meta import ARG_NAME_KEY, REASON_KEY, TAG_KEY, TUNING_KEY
+from nativert._program import copy_graph_module, rebuild_program
+from nativert._program.accuracy import Accuracy, measure_accuracy
+from nativert._program.meta import NOTE_KEY, REASON_KEY, TAG_KEY
 from nativert.backend.cache import PayloadCache, cache_root, segment_key
+from nativert.backend.examples import example_user_inputs, node_values, region_args
 from nativert.backend.lowering import compile_segment, hybrid_specs, region_segments
-from nativert.backend.runtime.tokens import new_token
-from nativert.delegate import Delegate, get_delegate
+from nativert.backend.plan import RegionPlan, in_fp32, run_lowered
+from nativert.delegate import FP32, Delegate, get_delegate, spec_precision
 from nativert.errors import DelegateCompileError, first_line
 from nativert.partitioner.base import DelegationSpec, PartitionResult
 from nativert.partitioner.capability import produces_tensors
@@ -59,7 +59,10 @@ logger = logging.getLogger("nativert")
 
 PYTORCH = "pytorch"
 MIXED = "mixed"
-_FORMAT = 2  # 2: whole-program plans are checked against PyTorch before they win
+# 2: whole-program plans are checked against PyTorch before they win; 3: runners are
+# (delegate, precision), keys name the CPU's matrix/vector extensions.
+_FORMAT = 3
+_ISA_PREFIXES = ("avx", "amx", "fma", "f16c")
 _ROUNDS = 5
 _ROUND_S = 0.01  # each candidate runs about this long per round
 _SETTLE_S = 0.02  # pause before each candidate: other runtimes' threads stop spinning
@@ -122,65 +125,31 @@ def candidate_settings(settings: Settings) -> Settings:
     return settings.replace(delegates=tuple(ids)) if ids else settings
 
 
+@dataclasses.dataclass(frozen=True)
+class Runner:
+    """One candidate: a delegate at one precision ("openvino", "openvino@bf16")."""
+
+    name: str
+    spec: DelegationSpec
+
+    @property
+    def precision(self) -> str:
+        return spec_precision(self.spec.compile_specs)
+
+
+def runners_for(delegate: Delegate, settings: Settings) -> list[Runner]:
+    """The delegate in fp32 and, where it offers the precision setting's, in that too."""
+    spec = DelegationSpec(delegate.backend_id, settings.specs_for(delegate))
+    fp32 = Runner(delegate.backend_id, in_fp32(spec))
+    if spec_precision(spec.compile_specs) == FP32:
+        return [fp32]
+    return [fp32, Runner(f"{delegate.backend_id}@{spec_precision(spec.compile_specs)}", spec)]
+
+
 def _supports_all(delegate: Delegate, nodes: Sequence[Node]) -> bool:
     import operator
 
     return all(delegate.check_support(n) is None for n in nodes if n.target is not operator.getitem)
-
-
-# -- example values -------------------------------------------------------------------------
-def _hint(dim: Any) -> int:
-    if isinstance(dim, torch.SymInt):
-        hint = dim.node.hint
-        return int(hint) if hint is not None else 4
-    return int(dim)
-
-
-def _synthesize(val: Any) -> Any:
-    """A real value like `val` (a placeholder's meta value): floats random, others zero (so
-    indices stay in range)."""
-    if isinstance(val, torch.Tensor):
-        shape = [_hint(d) for d in val.shape]
-        if val.dtype.is_floating_point or val.dtype.is_complex:
-            return torch.randn(shape, dtype=val.dtype, device=val.device)
-        return torch.zeros(shape, dtype=val.dtype, device=val.device)
-    if isinstance(val, torch.SymInt):
-        return _hint(val)
-    return val
-
-
-def user_inputs(program: ExportedProgram, example_inputs: Any) -> list[Any]:
-    """Flat user inputs: the example inputs given, else synthesized ones."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    leaves = torch.utils._pytree.tree_leaves(example_inputs)
-    if example_inputs is not None and not any(isinstance(v, FakeTensor) for v in leaves):
-        args, kwargs = example_inputs
-        return list(InputSpecs(program).flatten(tuple(args), dict(kwargs)))
-    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
-    return [
-        _synthesize(placeholders[s.arg.name].meta.get("val"))
-        for s in program.graph_signature.input_specs
-        if s.kind == InputKind.USER_INPUT
-    ]
-
-
-def node_values(program: ExportedProgram, flat_inputs: Sequence[Any]) -> dict[str, Any]:
-    """Run `program` once; every node's value by name (placeholders by signature name)."""
-    args, inputs = [], iter(flat_inputs)
-    for spec in program.graph_signature.input_specs:
-        if spec.kind in WEIGHT_KINDS:
-            args.append(weight_tensor(program, spec.target))
-        elif spec.kind == InputKind.USER_INPUT:
-            args.append(next(inputs))
-        elif spec.kind == InputKind.TOKEN:  # effect tokens carry no data: a fresh one
-            args.append(new_token())
-        else:
-            raise DelegateCompileError(f"autotune cannot run inputs of kind {spec.kind.name}")
-    interpreter = torch.fx.Interpreter(program.graph_module, garbage_collect_values=False)
-    with torch.no_grad():
-        interpreter.run(*args)
-    return {n.meta.get(ARG_NAME_KEY, n.name): v for n, v in interpreter.env.items()}
 
 
 # -- timing ---------------------------------------------------------------------------------
@@ -212,6 +181,24 @@ def time_interleaved(cases: Mapping[str, Callable[[], Any]]) -> dict[str, float]
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+def _check(got: Any, expected: Any, precision: str, budget: float) -> Accuracy | None:
+    """Raise DelegateCompileError when outputs computed at `precision` are not PyTorch's:
+    beyond rounding at fp32, beyond `budget` (relative error) below it; the measured
+    accuracy below fp32."""
+    if precision == FP32:
+        mismatch = _close(got, expected)
+        if mismatch is not None:
+            raise DelegateCompileError(f"wrong results: {mismatch}")
+        return None
+    try:
+        accuracy = measure_accuracy(got, expected)
+    except ValueError as exc:
+        raise DelegateCompileError(f"wrong results: {exc}") from None
+    if not accuracy.max_rel <= budget:
+        raise DelegateCompileError(f"{accuracy.text()}, over accuracy={budget:g}")
+    return accuracy
+
+
 def _close(got: Any, expected: Any) -> str | None:
     """None when `got` matches `expected` (outputs of one segment), else what differs."""
     if len(got) != len(expected):
@@ -238,15 +225,22 @@ def _first_line(exc: BaseException) -> str:
 # -- the decision cache ---------------------------------------------------------------------
 @functools.cache
 def machine() -> str:
-    model = platform.processor() or platform.machine()
+    """The CPU model, count and the ISA extensions that pick kernels (AVX-512, its bf16 and
+    fp16 forms, AMX): a decision taken on one machine is not another's."""
+    model = None
+    flags: list[str] = []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and model is None:
                 model = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = sorted(
+                    f for f in line.split(":", 1)[1].split() if f.startswith(_ISA_PREFIXES)
+                )
     except OSError:
         pass
-    return f"{model}; {os.cpu_count()} CPUs"
+    model = model or platform.processor() or platform.machine()
+    return f"{model}; {os.cpu_count()} CPUs; {' '.join(flags)}"
 
 
 class DecisionCache:
@@ -290,7 +284,7 @@ class DecisionCache:
             logger.warning("nativert autotune: cannot write its cache (%s)", exc)
 
 
-def _key(code: str, inputs: Sequence[Any], delegates: Sequence[Delegate], settings) -> str:
+def _key(code: str, inputs: Sequence[Any], runners: Sequence[Runner], settings) -> str:
     def text(value: Any) -> str:
         if isinstance(value, torch.Tensor):
             return f"{value.dtype}{list(value.shape)}@{value.device.type}"
@@ -301,12 +295,19 @@ def _key(code: str, inputs: Sequence[Any], delegates: Sequence[Delegate], settin
         "code": code,
         "inputs": [text(v) for v in inputs],
         "candidates": {
-            d.backend_id: [d.version, d.toolchain(), repr(settings.specs_for(d))] for d in delegates
+            r.name: [_version(r.spec.backend_id), repr(r.spec.compile_specs)] for r in runners
         },
+        # Below fp32 the choice depends on the error allowed.
+        "accuracy": settings.accuracy if any(r.precision != FP32 for r in runners) else None,
         "machine": machine(),
         "threads": torch.get_num_threads(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _version(backend_id: str) -> list[Any]:
+    delegate = get_delegate(backend_id)
+    return [delegate.version, delegate.toolchain()]
 
 
 # -- the search -----------------------------------------------------------------------------
@@ -329,13 +330,13 @@ class _Tuner:
         segment: ExportedProgram,
         args: Sequence[Any],
         default: str,
-        candidates: Sequence[Delegate],
-    ) -> tuple[Decision, dict[str, bytes]]:
-        """Measure one region on each candidate and PyTorch; the decision and the payloads
-        compiled for it (by backend id)."""
-        runners = [d.backend_id for d in candidates] + [PYTORCH]
+        candidates: Sequence[Runner],
+    ) -> tuple[Decision, dict[str, RegionPlan]]:
+        """Measure one region on each candidate and PyTorch; the decision and, by runner
+        name, the plans compiled for it."""
+        names = [r.name for r in candidates] + [PYTORCH]
         key = _key(segment_key(segment, "autotune", {}, ()), args, candidates, self.settings)
-        cached = self.decisions.get(key, runners)
+        cached = self.decisions.get(key, names)
         if cached is not None:
             return dataclasses.replace(cached, tag=tag), {}
         reference = segment.graph_module
@@ -343,36 +344,31 @@ class _Tuner:
             expected = reference(*args)
         cases: dict[str, Callable[[], Any]] = {PYTORCH: functools.partial(reference, *args)}
         failures: dict[str, str] = {}
-        payloads: dict[str, bytes] = {}
-        for delegate in candidates:
-            bid = delegate.backend_id
-            if bid != default and self.over_budget():
-                failures[bid] = "not tried: autotune_budget_s spent"
+        plans: dict[str, RegionPlan] = {}
+        for runner in candidates:
+            if runner.name != default and self.over_budget():
+                failures[runner.name] = "not tried: autotune_budget_s spent"
                 continue
             try:
-                cases[bid], payloads[bid] = self._compile(segment, tag, delegate, args, expected)
+                cases[runner.name], plans[runner.name] = self._compile(
+                    segment, tag, runner, args, expected
+                )
             except Exception as exc:  # any candidate may fail; the others still compete
-                failures[bid] = _first_line(exc)
+                failures[runner.name] = _first_line(exc)
         times = time_interleaved(cases)
-        measurements = tuple(Measurement(r, times.get(r), failures.get(r)) for r in runners)
+        measurements = tuple(Measurement(r, times.get(r), failures.get(r)) for r in names)
         choice = min(times, key=times.__getitem__)
         decision = Decision(tag, choice, measurements)
         if not self.report.budget_spent:
             self.decisions.put(key, decision)
-        return decision, payloads
+        return decision, plans
 
-    def _compile(self, segment, tag, delegate, args, expected):
-        spec = DelegationSpec(delegate.backend_id, self.settings.specs_for(delegate))
-        lowered = compile_segment(segment, spec, tag, cache=self.cache)
-        executor = lowered.load_executor()
-        count = lowered.num_weights
-        executor.init_weights(dict(zip(lowered.weight_names, args[:count], strict=True)))
-        state, inputs = executor.active_state(), list(args[count:])
+    def _compile(self, segment, tag, runner: Runner, args, expected):
+        lowered = compile_segment(segment, runner.spec, tag, cache=self.cache)
+        _, run = run_lowered(lowered, args)
         with torch.no_grad():
-            mismatch = _close(executor.run_with(state, inputs), expected)
-        if mismatch is not None:
-            raise DelegateCompileError(f"wrong results: {mismatch}")
-        return functools.partial(executor.run_with, state, inputs), lowered.processed_bytes
+            accuracy = _check(run(), expected, runner.precision, self.settings.accuracy)
+        return run, RegionPlan(runner.spec, lowered.processed_bytes, accuracy=accuracy)
 
 
 def _region_nodes(program: ExportedProgram, tag: str) -> list[Node]:
@@ -411,15 +407,21 @@ def tune_and_lower(
     program (lower_tagged_program with the pipeline's cache and fallback handling)."""
     tuner = _Tuner(settings, cache)
     program = result.tagged_program
-    flat = user_inputs(program, example_inputs)
+    flat = example_user_inputs(program, example_inputs)
     delegates = [get_delegate(b) for b in candidate_settings(settings).delegates or ()]
     compute = _tensor_compute(program)
-    whole = [d for d in delegates if compute and _supports_all(d, compute)]
-    runners = [MIXED, PYTORCH, *(d.backend_id for d in whole)]
+    whole = [
+        r
+        for d in delegates
+        if compute and _supports_all(d, compute)
+        for r in runners_for(d, settings)
+    ]
+    names = [MIXED, PYTORCH, *(r.name for r in whole)]
     key = _key(program.graph_module.code, flat, whole, settings)
-    known = tuner.decisions.get(key, runners)
+    known = tuner.decisions.get(key, names)
     if known is not None and known.choice != MIXED:
-        plan = _whole_plan(program, known.choice, settings, lower)
+        runner = next((r for r in whole if r.name == known.choice), None)
+        plan = _whole_plan(program, runner, lower)
         chosen = _annotate(plan, known, tuner.report) if plan is not None else None
     else:
         chosen = None
@@ -436,32 +438,30 @@ def _mixed_plan(tuner, result: PartitionResult, flat, delegates, lower) -> Expor
     settings, program = tuner.settings, result.tagged_program
     values = node_values(program, flat)
     plan = _plain_copy(program)  # tags travel with the copied nodes
-    tags: dict[str, DelegationSpec] = {}
-    precompiled: dict[str, bytes] = {}
-    notes: dict[str, str] = {}
+    chosen: dict[str, RegionPlan] = {}
     for tag, (segment, arg_names) in region_segments(program, result.tags).items():
         default = result.tags[tag].backend_id
         nodes = _region_nodes(program, tag)
-        candidates = [d for d in delegates if d.backend_id == default or _supports_all(d, nodes)]
-        if default not in [d.backend_id for d in candidates]:  # a custom partitioner's choice
-            candidates.insert(0, get_delegate(default))
-        args = [values[name] for name in arg_names]
-        decision, payloads = tuner.region(tag, segment, args, default, candidates)
+        offered = [d for d in delegates if d.backend_id == default or _supports_all(d, nodes)]
+        if default not in [d.backend_id for d in offered]:  # a custom partitioner's choice
+            offered.insert(0, get_delegate(default))
+        candidates = [r for d in offered for r in runners_for(d, settings)]
+        args = region_args(values, arg_names)
+        decision, compiled = tuner.region(tag, segment, args, default, candidates)
         tuner.report.decisions.append(decision)
         if decision.choice == PYTORCH:
             _keep_in_pytorch(plan, tag, f"autotune: {decision.line()}")
             continue
-        new_tag = tag if decision.choice == default else f"{decision.choice}_{tag}"
-        tags[new_tag] = DelegationSpec(
-            decision.choice, settings.specs_for(get_delegate(decision.choice))
-        )
+        runner = next(r for r in candidates if r.name == decision.choice)
+        backend_id = runner.spec.backend_id
+        new_tag = tag if runner.name == default else f"{backend_id}_{tag}"
         for node in _region_nodes(plan, tag):
             node.meta[TAG_KEY] = new_tag
-        if decision.choice in payloads:
-            precompiled[new_tag] = payloads[decision.choice]
-        notes[new_tag] = decision.line()
-    tags = dict(hybrid_specs(PartitionResult(plan, tags), settings).tags)
-    return lower(plan, tags, precompiled=precompiled, notes=notes)
+        found = compiled.get(runner.name, RegionPlan(runner.spec))
+        chosen[new_tag] = dataclasses.replace(found, note=f"autotune: {decision.line()}")
+    specs = {tag: p.spec for tag, p in chosen.items()}
+    specs = dict(hybrid_specs(PartitionResult(plan, specs), settings).tags)
+    return lower(plan, {tag: dataclasses.replace(p, spec=specs[tag]) for tag, p in chosen.items()})
 
 
 def _tensor_compute(program: ExportedProgram) -> list[Node]:
@@ -479,20 +479,19 @@ def _tensor_compute(program: ExportedProgram) -> list[Node]:
     ]
 
 
-def _whole_plan(program, runner: str, settings: Settings, lower) -> ExportedProgram | None:
-    """The program with every tensor node on `runner` (a backend id, or PyTorch); None when
-    that delegate cannot take it after all."""
+def _whole_plan(program, runner: Runner | None, lower) -> ExportedProgram | None:
+    """The program with every tensor node on `runner` (None: PyTorch); None when that
+    delegate cannot take it after all."""
     plan = _untagged(program)
-    if runner == PYTORCH:
+    if runner is None:
         return lower(plan, {})
-    tag = f"{runner}_program"
+    tag = f"{runner.spec.backend_id}_program"
     for node in _tensor_compute(plan):
         node.meta[TAG_KEY] = tag
-    spec = DelegationSpec(runner, settings.specs_for(get_delegate(runner)))
     try:
-        return lower(plan, {tag: spec}, strict=True)
+        return lower(plan, {tag: runner.spec}, strict=True)
     except Exception as exc:  # e.g. it supports every op but not this graph's structure
-        logger.info("autotune: %s cannot take the whole program: %s", runner, _first_line(exc))
+        logger.info("autotune: %s cannot take the whole program: %s", runner.name, _first_line(exc))
         return None
 
 
@@ -510,12 +509,12 @@ def _choose_plan(tuner, program, mixed, flat, whole, key, known, lower) -> Expor
     plans = {MIXED: mixed}
     if lowered_modules(mixed):  # else the mixed plan is PyTorch alone already
         plans[PYTORCH] = lower(_untagged(program), {})
-    for delegate in whole:
+    for runner in whole:
         if tuner.over_budget():
             break
-        plan = _whole_plan(program, delegate.backend_id, tuner.settings, lower)
+        plan = _whole_plan(program, runner, lower)
         if plan is not None:
-            plans[delegate.backend_id] = plan
+            plans[runner.name] = plan
     if len(plans) == 1:
         return mixed
     failures: dict[str, str] = {}
@@ -533,8 +532,8 @@ def _choose_plan(tuner, program, mixed, flat, whole, key, known, lower) -> Expor
                 outputs = executor.run_flat(own)
             if expected is None:
                 expected = outputs  # the reference plan's, which comes first
-            elif (mismatch := _close(outputs, expected)) is not None:
-                raise DelegateCompileError(f"wrong results: {mismatch}")
+            else:
+                _check(outputs, expected, _plan_precision(plan), tuner.settings.accuracy)
             cases[name] = functools.partial(executor.run_flat, flat)
         except Exception as exc:  # a plan that cannot run loses; the mixed plan is a fallback
             failures[name] = _first_line(exc)
@@ -543,14 +542,20 @@ def _choose_plan(tuner, program, mixed, flat, whole, key, known, lower) -> Expor
     if not cases:
         return mixed
     times = time_interleaved(cases)
-    runners = [MIXED, PYTORCH, *(d.backend_id for d in whole)]
-    measurements = tuple(
-        Measurement(r, times.get(r), failures.get(r)) for r in runners if r in plans
-    )
+    names = [MIXED, PYTORCH, *(r.name for r in whole)]
+    measurements = tuple(Measurement(r, times.get(r), failures.get(r)) for r in names if r in plans)
     decision = Decision("program", min(times, key=times.__getitem__), measurements)
     if not tuner.report.budget_spent:
         tuner.decisions.put(key, decision)
     return _annotate(plans[decision.choice], decision, tuner.report)
+
+
+def _plan_precision(plan: ExportedProgram) -> str:
+    """ "fp32" when every delegate of a lowered plan computes in fp32, else the lowest."""
+    from nativert.call_delegate import lowered_modules
+
+    low = [m.precision for m in lowered_modules(plan) if m.precision != FP32]
+    return low[0] if low else FP32
 
 
 def _annotate(plan: ExportedProgram, decision: Decision, report=None) -> ExportedProgram:
@@ -563,7 +568,7 @@ def _annotate(plan: ExportedProgram, decision: Decision, report=None) -> Exporte
         return plan
     for node in plan.graph.nodes:
         if node.target is call_delegate:
-            node.meta[TUNING_KEY] = f"whole program: {decision.line()}"
+            node.meta[NOTE_KEY] = f"autotune, whole program: {decision.line()}"
         elif decision.choice == PYTORCH and node.op == "call_function":
             node.meta[REASON_KEY] = f"autotune, whole program: {decision.line()}"
     return plan

@@ -19,6 +19,7 @@ import math
 import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch.export import ExportedProgram
@@ -36,7 +37,7 @@ from nativert._program import (
     rebuild_program,
     remember_input_names,
 )
-from nativert._program.meta import REASON_KEY, SOURCE_OP_KEY, TAG_KEY, TUNING_KEY
+from nativert._program.meta import NOTE_KEY, REASON_KEY, SOURCE_OP_KEY, TAG_KEY
 from nativert.backend.cache import PayloadCache, segment_key
 from nativert.call_delegate import HOP_NAME, call_delegate
 from nativert.delegate import dict_to_specs, get_delegate, require_available
@@ -51,6 +52,9 @@ from nativert.lowered import LoweredBackendModule
 from nativert.partitioner.base import DelegationSpec, PartitionResult
 from nativert.partitioner.capability import is_compute, op_name, produces_tensors
 from nativert.settings import Settings
+
+if TYPE_CHECKING:
+    from nativert.backend.plan import RegionPlan
 
 _SEGMENT_PREFIX = "_nativert_segment_"
 logger = logging.getLogger("nativert")
@@ -349,14 +353,19 @@ def _fuse_region(program: ExportedProgram, tag: str, index: int):
 
 
 def region_segments(
-    program: ExportedProgram, tags: Mapping[str, DelegationSpec]
+    program: ExportedProgram,
+    tags: Mapping[str, DelegationSpec],
+    *,
+    only: Sequence[str] | None = None,
 ) -> dict[str, tuple[ExportedProgram, list[str]]]:
-    """Per tag, the segment program lowering would compile and the names its arguments
-    have in `program` (weights first, then inputs). Each region is fused alone, on a copy:
-    `program` is not modified."""
+    """Per tag (of `only`, default all), the segment program lowering would compile and
+    the names its arguments have in `program` (weights first, then inputs). Each region is
+    fused alone, on a copy: `program` is not modified."""
     regions = check_tags(program, tags)
     segments = {}
     for tag, nodes in regions.items():
+        if only is not None and tag not in only:
+            continue
         _, _, segment, outer_args, _, _ = _fuse_copy(program, tag, {n.name for n in nodes})
         segments[tag] = (segment, [_signature_name(a) for a in outer_args])
     return segments
@@ -376,18 +385,18 @@ def _fuse_copy(program: ExportedProgram, tag: str, names: set[str]):
 
 def lower_tagged_program(
     program: ExportedProgram,
-    tags: Mapping[str, DelegationSpec],
+    plan: Mapping[str, RegionPlan | DelegationSpec],
     *,
     strict: bool = False,
     cache: PayloadCache | None = None,
     on_fallback: Callable[[DelegateCompileError], None] | None = None,
     on_region: Callable[[str, DelegationSpec], None] | None = None,
-    precompiled: Mapping[str, bytes] | None = None,
-    notes: Mapping[str, str] | None = None,
     alternatives: Sequence[DelegationSpec] = (),
     min_block_size: int = 1,
 ) -> ExportedProgram:
-    """Replace every tagged region of `program` (modified in place) by a delegate call.
+    """Replace every tagged region of `program` (modified in place) by a delegate call, as
+    `plan` says (a RegionPlan per tag: see plan.py; a bare DelegationSpec is the trivial
+    plan).
 
     A region whose delegate fails to compile it (or whose runtime refuses the result) is
     salvaged piece by piece (see `_Salvage`): the longest parts that compile stay with its
@@ -396,13 +405,14 @@ def lower_tagged_program(
     `on_fallback(error)` is called once for the region (default: a logged warning). With
     `strict=True` the first DelegateCompileError is raised instead. `cache`: see
     compile_segment. `on_region(tag, spec)` is called as each region is done (progress).
-    `precompiled`: payloads already compiled for some tags (autotune's winners), used as
-    they are. `notes`: per tag, a line for the report (autotune's measurements).
     `min_block_size`: pieces of a salvaged region with fewer compute nodes stay in PyTorch.
     """
+    from nativert.backend.plan import as_plan
+
+    plan = as_plan(plan)
+    tags = {tag: p.spec for tag, p in plan.items()}
     regions = check_tags(program, tags)
     gm = program.graph_module
-    notes = notes or {}
     # Fusing may rename placeholders (stable_topological_sort renames one called `input`).
     remember_input_names(gm)
     index = 0
@@ -419,9 +429,7 @@ def lower_tagged_program(
                 f"internal error: region {tag!r} was compiled with arguments {arg_names} "
                 f"but fuses with {names}; please report it"
             )
-        hop_node = _install(gm, call_node, lowered, outer_args, tag)
-        if tag in notes:
-            hop_node.meta[TUNING_KEY] = notes[tag]
+        _install(gm, call_node, lowered, outer_args, tag)
 
     for tag in regions:
         call_node, sub_gm, segment, outer_args, mutated_idx, state_idx = _fuse_region(
@@ -436,7 +444,7 @@ def lower_tagged_program(
                 mutated_arg_indices=mutated_idx,
                 state_arg_indices=state_idx,
                 cache=cache,
-                payload=(precompiled or {}).get(tag),
+                payload=plan[tag].payload,
             )
         except DelegateCompileError as exc:
             if strict:
@@ -453,9 +461,10 @@ def lower_tagged_program(
             )
             (on_fallback or _log_fallback)(salvage.run(nodes, exc))
         else:
+            lowered.accuracy = plan[tag].accuracy
             hop_node = _install(gm, call_node, lowered, outer_args, tag)
-            if tag in notes:
-                hop_node.meta[TUNING_KEY] = notes[tag]
+            if plan[tag].note:
+                hop_node.meta[NOTE_KEY] = plan[tag].note
         if on_region is not None:
             on_region(tag, tags[tag])
 

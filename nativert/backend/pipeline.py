@@ -14,9 +14,11 @@ the program comes from. Stages:
 3. partition: the partitioner tags a copy of the program (never the caller's graph); its
    result is checked before anything reads it.
 4. lower: each tagged region becomes a LoweredBackendModule called through call_delegate
-   (`lowering.lower_tagged_program`); compiled payloads come from and go to the on-disk cache.
-   With `settings.autotune`, partitioning considers every available delegate and each
-   region's runner is chosen by measurement (`autotune.py`).
+   (`lowering.lower_tagged_program`), as the lowering plan says (`plan.py`: regions that
+   compute below fp32 are checked against fp32 PyTorch first, the accuracy guard); compiled
+   payloads come from and go to the on-disk cache. With `settings.autotune`, partitioning
+   considers every available delegate and each region's runner (delegate x precision) is
+   chosen by measurement (`autotune.py`).
 5. after lowering: `after_lowering` passes on the lowered program (torch.compile's).
 """
 
@@ -36,6 +38,7 @@ from nativert._quiet import quiet
 from nativert.backend.autotune import TuningReport, candidate_settings, tune_and_lower
 from nativert.backend.cache import payload_cache
 from nativert.backend.lowering import hybrid_specs, lower_tagged_program
+from nativert.backend.plan import RegionPlan, guarded_plan
 from nativert.errors import DelegateCompileError, PartitionError
 from nativert.partitioner.base import DelegationSpec, Partitioner, PartitionResult
 from nativert.partitioner.capability import CapabilityPartitioner
@@ -150,7 +153,8 @@ def _lower_program(program, settings, partitioner, passes, after_lowering, on_fa
             result, settings, cache=cache, example_inputs=example_inputs, lower=lower
         )
     else:
-        lowered = _lower(result, settings.show_progress, common)
+        plan = guarded_plan(result, settings, example_inputs=example_inputs, cache=cache)
+        lowered = _lower(result.tagged_program, plan, settings.show_progress, common)
     if after_lowering:
         lowered = run_passes(lowered, after_lowering).program
     return LoweringResult(
@@ -174,18 +178,20 @@ def alternatives(partitioner: Partitioner) -> tuple[DelegationSpec, ...]:
     )
 
 
-def _lower(result: PartitionResult, progress: bool, common: dict) -> ExportedProgram:
-    if not progress or not result.tags:
-        return lower_tagged_program(result.tagged_program, result.tags, **common)
+def _lower(
+    program: ExportedProgram, plan: Mapping[str, RegionPlan], progress: bool, common: dict
+) -> ExportedProgram:
+    if not progress or not plan:
+        return lower_tagged_program(program, plan, **common)
     from tqdm import tqdm
 
-    with tqdm(total=len(result.tags), desc="compiling partitions", unit="region") as bar:
+    with tqdm(total=len(plan), desc="compiling partitions", unit="region") as bar:
 
         def advance(tag: str, spec: DelegationSpec) -> None:
             bar.set_postfix_str(f"{tag} ({spec.backend_id})")
             bar.update(1)
 
-        return lower_tagged_program(result.tagged_program, result.tags, on_region=advance, **common)
+        return lower_tagged_program(program, plan, on_region=advance, **common)
 
 
 def _fingerprint(program: ExportedProgram) -> list[tuple[str, str, str]]:

@@ -7,10 +7,13 @@ from typing import Any, overload
 
 from torch.export import ExportedProgram
 
+from nativert._program import weight_names, weight_tensor
 from nativert.backend.cache import payload_cache
+from nativert.backend.examples import example_user_inputs
 from nativert.backend.lowering import compile_segment
 from nativert.backend.pipeline import PassList, decompose, lower_program
-from nativert.delegate import get_delegate, require_available
+from nativert.backend.plan import RegionPlan, guard
+from nativert.delegate import FP32, get_delegate, require_available
 from nativert.errors import LoweringError, SettingsError
 from nativert.lowered import LoweredBackendModule
 from nativert.partitioner.base import DelegationSpec, Partitioner
@@ -135,10 +138,14 @@ def _lower_whole(
             "supports"
         )
     spec = DelegationSpec(backend_id, settings.specs_for(delegate))
-    return compile_segment(
-        program,
-        spec,
-        f"{backend_id}_program",
-        owns_weights=True,
-        cache=payload_cache(settings.cache_dir),
+    tag, cache = f"{backend_id}_program", payload_cache(settings.cache_dir)
+    plan = RegionPlan(spec)
+    if plan.precision != FP32:  # the accuracy guard, as for a partitioned program
+        args = [weight_tensor(program, name) for name in weight_names(program)]
+        args += example_user_inputs(program, program.example_inputs)
+        plan = guard(program, spec, tag, args, settings.accuracy, cache=cache, owns_weights=True)
+    lowered = compile_segment(
+        program, plan.spec, tag, owns_weights=True, cache=cache, payload=plan.payload
     )
+    lowered.accuracy = plan.accuracy
+    return lowered

@@ -88,6 +88,8 @@ def inspect(args: argparse.Namespace) -> int:
             "toolchain": entry.get("toolchain", {}),
             "payload_bytes": len(lowered.processed_bytes),
             "compile_specs": dict(entry.get("compile_specs", [])),
+            "precision": lowered.precision,
+            "accuracy": entry.get("accuracy"),
         }
         for entry, lowered in zip(
             manifest["delegates"], nativert.lowered_modules(program), strict=True
@@ -128,7 +130,8 @@ def inspect(args: argparse.Namespace) -> int:
         tools = ", ".join(f"{k} {v}" for k, v in d["toolchain"].items())
         print(
             f"  delegate {d['name']}: {d['backend_id']} v{d['delegate_version']}"
-            f"{f' ({tools})' if tools else ''}, payload {d['payload_bytes'] / 1e3:.1f} kB"
+            f"{f' ({tools})' if tools else ''}, payload {d['payload_bytes'] / 1e3:.1f} kB, "
+            f"{d['precision']}"
         )
     print(report)
     return 0
@@ -214,9 +217,10 @@ def bench(args: argparse.Namespace) -> int:
         return samples[min(len(samples) - 1, int(p / 100 * len(samples)))]
 
     shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+    precisions = sorted({m.precision for m in nativert.lowered_modules(program)}) or ["fp32"]
     print(
-        f"{args.package}: Executor, inputs {shapes}, {args.threads} thread(s) x "
-        f"{args.runs} runs (+{args.warmup} warm-up)"
+        f"{args.package}: Executor, precision {'+'.join(precisions)}, inputs {shapes}, "
+        f"{args.threads} thread(s) x {args.runs} runs (+{args.warmup} warm-up)"
     )
     unit, scale = latency_unit(pct(50))
     values = [("p50", pct(50)), ("p90", pct(90)), ("p99", pct(99)), ("min", samples[0])]

@@ -18,7 +18,8 @@ from typing import Any
 from torch.export import ExportedProgram
 from torch.fx import Node
 
-from nativert._program.meta import SOURCE_OP_KEY, TUNING_KEY
+from nativert._program.accuracy import Accuracy
+from nativert._program.meta import NOTE_KEY, SOURCE_OP_KEY
 from nativert.call_delegate import call_delegate, delegate_nodes
 from nativert.partitioner.base import REASON_KEY
 from nativert.partitioner.capability import op_name
@@ -32,7 +33,14 @@ class Region:
     name: str
     backend_id: str
     num_nodes: int
-    tuning: str = ""  # what autotune measured for it, when it chose the runner
+    tuning: str = ""  # what autotune or the accuracy guard measured for it
+    precision: str = "fp32"  # what its delegate computes in
+    accuracy: list | None = None  # [max_abs, max_rel, sqnr_db] against fp32, when below it
+
+    def precision_text(self) -> str:
+        if self.precision == "fp32" or self.accuracy is None:
+            return self.precision
+        return f"{self.precision} ({Accuracy.from_json(self.accuracy).text()})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,9 +109,12 @@ class DelegationReport:
         if self.headline:
             lines.append(f"  ! {self.headline}")
         for region in self.regions:
-            lines.append(f"  {region.name:<24} {region.backend_id:<14} {region.num_nodes} nodes")
+            lines.append(
+                f"  {region.name:<24} {region.backend_id:<14} {region.num_nodes:>4} nodes  "
+                f"{region.precision_text()}"
+            )
             if region.tuning:
-                lines.append(f"    autotune: {region.tuning}")
+                lines.append(f"    {region.tuning}")
         runners = sorted({who for by in self.ops.values() for who in by} - {PYTORCH}) + [PYTORCH]
         width = max([len("op"), *(len(op) for op in self.ops)])
         lines.append("  " + "op".ljust(width) + "".join(f"{r:>12}" for r in runners))
@@ -137,8 +148,18 @@ def delegation_report(program: ExportedProgram) -> DelegationReport:
             for n in lowered.original_module.graph.nodes
             if n.op == "call_function" and n.target is not operator.getitem
         ]
-        tuning = call.meta.get(TUNING_KEY, "")
-        regions.append(Region(lowered.module_name, lowered.backend_id, len(inner), tuning))
+        tuning = call.meta.get(NOTE_KEY, "")
+        accuracy = lowered.accuracy.to_json() if lowered.accuracy is not None else None
+        regions.append(
+            Region(
+                lowered.module_name,
+                lowered.backend_id,
+                len(inner),
+                tuning,
+                lowered.precision,
+                accuracy,
+            )
+        )
         for node in inner:
             name = node.meta.get(SOURCE_OP_KEY) or op_name(node.target)
             ops.setdefault(name, Counter())[lowered.backend_id] += 1

@@ -56,7 +56,14 @@ def test_report_text_and_dict(registered):
     data = report.to_dict()
     assert data["per_delegate"]["adds"] == 1
     assert data["regions"] == [
-        {"name": "adds_0", "backend_id": "adds", "num_nodes": 1, "tuning": ""}
+        {
+            "name": "adds_0",
+            "backend_id": "adds",
+            "num_nodes": 1,
+            "tuning": "",
+            "precision": "fp32",
+            "accuracy": None,
+        }
     ]
     assert data["total_nodes"] == sum(data["per_delegate"].values())
 

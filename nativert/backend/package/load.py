@@ -33,6 +33,7 @@ from torch.export.pt2_archive.constants import (
 )
 
 from nativert._program import rebuild_program
+from nativert._program.accuracy import Accuracy
 from nativert._program.meta import REASON_KEY
 from nativert.backend.package.archive import Archive, check_byteorder
 from nativert.backend.package.manifest import (
@@ -251,6 +252,9 @@ def _restore(top, manifest, segments, payloads, delegates, path) -> ExportedProg
             mutated_arg_indices=entry["mutated_arg_indices"],
             nondifferentiable_outputs=entry["nondifferentiable_outputs"],
             reference_reason=why,
+            accuracy=(
+                Accuracy.from_json(entry["accuracy"]) if entry.get("accuracy") is not None else None
+            ),
         )
         attr, n = f"lowered_{entry['module_name']}", 0
         while hasattr(gm, attr):

@@ -22,6 +22,7 @@ from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 from torch.export.pt2_archive.constants import EXTRA_DIR
 
 from nativert._program import program_from_graph
+from nativert._program.accuracy import Accuracy
 from nativert.backend.package.archive import Archive
 from nativert.errors import PackageError
 
@@ -179,6 +180,11 @@ def _check_entry_lists(entry: dict, i: int, bad) -> None:
             isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
         ):
             raise bad(f"{key} in delegate entry {i}")
+    if entry.get("accuracy") is not None:  # absent before precision settings existed
+        try:
+            Accuracy.from_json(entry["accuracy"])
+        except ValueError:
+            raise bad(f"accuracy in delegate entry {i}") from None
     weights = entry.get("weights")
     if not isinstance(weights, list):
         raise bad(f"weights in delegate entry {i}")

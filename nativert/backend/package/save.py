@@ -122,6 +122,7 @@ def _segments(program: ExportedProgram) -> tuple[dict, dict, list]:
                 "outputs": list(segment.graph_signature.user_outputs),
                 "mutated_arg_indices": sorted(lowered.mutated_arg_indices),
                 "nondifferentiable_outputs": sorted(lowered.nondifferentiable_outputs),
+                "accuracy": None if lowered.accuracy is None else lowered.accuracy.to_json(),
             }
         )
     return segments, payloads, entries
