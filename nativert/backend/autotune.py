@@ -45,6 +45,7 @@ from torch.fx import Node
 from nativert._program import copy_graph_module, rebuild_program
 from nativert._program.accuracy import Accuracy, measure_accuracy
 from nativert._program.meta import NOTE_KEY, REASON_KEY, TAG_KEY
+from nativert._program.ops import produces_tensors
 from nativert.backend.cache import PayloadCache, cache_root, segment_key
 from nativert.backend.examples import example_user_inputs, node_values, region_args
 from nativert.backend.lowering import compile_segment, hybrid_specs, region_segments
@@ -52,7 +53,6 @@ from nativert.backend.plan import RegionPlan, in_fp32, run_lowered
 from nativert.delegate import FP32, Delegate, get_delegate, spec_precision
 from nativert.errors import DelegateCompileError, first_line
 from nativert.partitioner.base import DelegationSpec, PartitionResult
-from nativert.partitioner.capability import produces_tensors
 from nativert.settings import Settings
 
 logger = logging.getLogger("nativert")

@@ -8,6 +8,7 @@ from typing import Any, overload
 from torch.export import ExportedProgram
 
 from nativert._program import weight_names, weight_tensor
+from nativert._program.ops import op_name
 from nativert.backend.cache import payload_cache
 from nativert.backend.examples import example_user_inputs
 from nativert.backend.lowering import compile_segment
@@ -17,7 +18,6 @@ from nativert.delegate import FP32, get_delegate, require_available
 from nativert.errors import LoweringError, SettingsError
 from nativert.lowered import LoweredBackendModule
 from nativert.partitioner.base import DelegationSpec, Partitioner
-from nativert.partitioner.capability import op_name
 from nativert.settings import Settings
 
 # Settings that describe the default partitioner: with a partitioner of your own, set them on

@@ -211,6 +211,12 @@ class Delegate(abc.ABC):
                 f"{value!r}"
             )
 
+    def check_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Raise ValueError naming a weight whose values this delegate cannot run (checked
+        at lowering even when the payload comes from the cache, whose key covers no weight
+        values; an executor checks the weights it is given too). Default: any."""
+        return None
+
     def check_payload(self, payload: bytes) -> None:
         """Raise ValueError if `payload`, from a package nobody vouches for, must not be
         loaded (e.g. it points the runtime at files); called by `nativert.load`. The

@@ -20,17 +20,11 @@ from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import OperatorSupportBase
 
 from nativert._program.meta import INPUT_KIND_KEY, PIN_KEY, REASON_KEY, TAG_KEY
+from nativert._program.ops import is_compute, op_name, produces_tensors
 from nativert.call_delegate import call_delegate
 from nativert.delegate import Delegate, default_delegates, get_delegate, require_available
 from nativert.partitioner.base import DelegationSpec, PartitionResult
 from nativert.settings import OpLike, Settings
-
-
-def op_name(target: Any) -> str:
-    """'aten.relu.default' style name of a node target, for messages and reports."""
-    if isinstance(target, torch._ops.OpOverload):
-        return str(target)
-    return getattr(target, "__name__", str(target))
 
 
 def _matches(node: Node, keys: Iterable[str]) -> bool:
@@ -40,13 +34,6 @@ def _matches(node: Node, keys: Iterable[str]) -> bool:
     return target.name() in keys or target._schema.name in keys
 
 
-def produces_tensors(node: Node) -> bool:
-    """Whether `node` yields tensors (one, or a non-empty tuple of them): what a delegate can
-    return."""
-    val = node.meta.get("val")
-    if isinstance(val, (tuple, list)):
-        return bool(val) and all(isinstance(v, torch.Tensor) for v in val)
-    return isinstance(val, torch.Tensor)
 
 
 class _AssignedTo(OperatorSupportBase):
@@ -210,11 +197,6 @@ class CapabilityPartitioner:
         return bool(compute) and all(_matches(n, allowed) for n in compute)
 
 
-def is_compute(node: Node) -> bool:
-    """Counts toward min_block_size: not a getitem and not a view."""
-    if node.target is operator.getitem:
-        return False
-    return not (isinstance(node.target, torch._ops.OpOverload) and node.target.is_view)
 
 
 def _regions_on_cycles(

@@ -20,9 +20,9 @@ from torch.fx import Node
 
 from nativert._program.accuracy import Accuracy
 from nativert._program.meta import NOTE_KEY, SOURCE_OP_KEY
+from nativert._program.ops import op_name
 from nativert.call_delegate import call_delegate, delegate_nodes
 from nativert.partitioner.base import REASON_KEY
-from nativert.partitioner.capability import op_name
 
 PYTORCH = "pytorch"
 NO_REASON = "no reason recorded (not partitioned by nativert, or loaded without metadata)"
