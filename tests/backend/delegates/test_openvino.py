@@ -279,6 +279,63 @@ def test_int64_only_as_indices():
         assert_close(program.module()(ids), model(ids))
 
 
+class Positions(nn.Module):
+    """Position and token-type ids as transformers compute them: int64 buffers sliced,
+    gathered, offset by a literal, compared."""
+
+    def __init__(self, largest: int = 31) -> None:
+        super().__init__()
+        self.register_buffer("position_ids", torch.arange(32).unsqueeze(0) * (largest // 31))
+        self.register_buffer("token_type_ids", torch.zeros(1, 32, dtype=torch.long))
+        self.embed = nn.Embedding(64, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        n = ids.shape[1]
+        where = self.position_ids[:, :n]
+        types = torch.gather(self.token_type_ids, 1, where).expand(ids.shape[0], n)
+        valid = (ids + 3 >= 3).unsqueeze(-1)
+        return (self.embed(where + 1) + self.embed(types)) * valid.float()
+
+
+def test_int64_values_moved_compared_or_offset_run_whole_in_openvino():
+    model, ids = Positions().eval(), idx(50, 2, 7)
+    program = nativert.to_backend(torch.export.export(model, (ids,)), delegates=["openvino"])
+    report = nativert.delegation_report(program)
+    assert report.delegated_nodes == report.total_nodes, str(report)
+    with torch.no_grad():
+        assert_close(nativert.Executor(program)(ids), model(ids))
+
+
+def test_int64_beyond_int32_is_refused_where_it_enters_never_truncated():
+    # A weight beyond +-2**30 is caught when compiling: its region stays in PyTorch.
+    model, ids = Positions(largest=2**40).eval(), idx(50, 2, 7)
+    program = nativert.to_backend(torch.export.export(model, (ids,)), delegates=["openvino"])
+    kept = [n.meta.get(REASON_KEY, "") for n in program.graph.nodes if REASON_KEY in n.meta]
+    assert any("with its weights: int64 weight 'position_ids'" in r for r in kept), kept
+    # A swap to such weights is refused, and the old ones keep serving.
+    small = Positions().eval()
+    program = nativert.to_backend(torch.export.export(small, (ids,)), delegates=["openvino"])
+    executor = nativert.Executor(program)
+    big = dict(executor.weights(), position_ids=torch.arange(32).unsqueeze(0) * 2**40)
+    with pytest.raises(nativert.WeightsError, match="'position_ids' holds values beyond"):
+        executor.update_weights(big)
+    with torch.no_grad():
+        assert_close(executor(ids), small(ids))
+    # An input beyond it is refused on the call that passes it.
+
+    class Offsets(nn.Module):
+        def forward(self, ids):
+            return (ids + 1).unsqueeze(0), torch.relu(ids.float())
+
+    offsets = nativert.to_backend(
+        torch.export.export(Offsets(), (ids,)), delegates=["openvino"], strict=True
+    )
+    runner = nativert.Executor(offsets)
+    assert_close(runner(ids)[0], Offsets()(ids)[0])
+    with pytest.raises(nativert.DelegateCallError, match="input 0 holds int64 values beyond"):
+        runner(ids + 2**31)
+
+
 @pytest.mark.parametrize(
     ("op", "call", "tensors", "reason"),
     [

@@ -36,6 +36,7 @@ from nativert.backend.delegates.openvino.convert import (
     CAPABILITIES,
     SPEC_KEYS,
     THREADS,
+    check_int64_weights,
     check_values,
     convert_segment,
 )
@@ -94,6 +95,9 @@ class OpenVinoDelegate(Delegate):
 
     def preprocess(self, program: ExportedProgram, compile_specs: Sequence[CompileSpec]) -> bytes:
         return convert_segment(program, compile_specs)
+
+    def check_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        check_int64_weights(weights)
 
     def check_payload(self, payload: bytes) -> None:
         check_untrusted(payload)

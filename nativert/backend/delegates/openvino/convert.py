@@ -65,6 +65,27 @@ def check_values(values: Mapping[str, Any]) -> None:
         )
 
 
+def int64_out_of_range(tensor: torch.Tensor) -> bool:
+    """An int64 tensor with a value OpenVINO's int32 arithmetic would not keep exactly
+    (outside +-support.INT64_LIMIT: see the support table)."""
+    from nativert.backend.delegates.openvino.support import INT64_LIMIT
+
+    if tensor.dtype != torch.int64 or not tensor.numel():
+        return False
+    low, high = torch.aminmax(tensor.detach())
+    return bool(low <= -INT64_LIMIT) or bool(high >= INT64_LIMIT)
+
+
+def check_int64_weights(weights: Mapping[str, Any]) -> None:
+    """Raise ValueError naming an int64 weight outside the range OpenVINO computes exactly."""
+    for name, tensor in weights.items():
+        if isinstance(tensor, torch.Tensor) and int64_out_of_range(tensor):
+            raise ValueError(
+                f"int64 weight {name!r} holds values beyond +-2**30, which OpenVINO's CPU "
+                "plugin would compute as int32; keep this region in PyTorch"
+            )
+
+
 def options(compile_specs: Sequence[CompileSpec]) -> dict[str, Any]:
     """The compile specs as a dict; unknown ones raise."""
     values = {spec.key: spec.value for spec in compile_specs}

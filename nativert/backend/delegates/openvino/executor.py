@@ -31,10 +31,16 @@ import torch
 from torch.export import ExportedProgram
 
 from nativert._program import placeholder_values, validate_weights, weight_names
-from nativert.backend.delegates.openvino.convert import DTYPES, THREADS, options
+from nativert.backend.delegates.openvino.convert import (
+    DTYPES,
+    THREADS,
+    check_int64_weights,
+    int64_out_of_range,
+    options,
+)
 from nativert.backend.delegates.openvino.payload import unpack
 from nativert.delegate import PRECISION_SPEC, CompileSpec, StagedWeights
-from nativert.errors import DelegateCallError, DelegateLoadError
+from nativert.errors import DelegateCallError, DelegateLoadError, WeightsError
 
 
 class _Thread(threading.local):
@@ -97,6 +103,12 @@ class OpenVinoExecutor(StagedWeights):
         count = len(self.weight_names)
         self._expected = dict(zip(self.weight_names, values[:count], strict=True))
         self._input_vals = values[count:]
+        # Checked on every call: int64 values beyond int32 (see support.INT64_LIMIT).
+        self._int64_inputs = frozenset(
+            i
+            for i, v in enumerate(self._input_vals)
+            if not isinstance(v, torch.Tensor) or v.dtype == torch.int64
+        )
         try:
             self._payload = unpack(payload)
         except ValueError as exc:
@@ -161,6 +173,10 @@ class OpenVinoExecutor(StagedWeights):
     # -- weights ---------------------------------------------------------------------------
     def process_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
         validate_weights(self._expected, weights, owner="delegate 'openvino'")
+        try:
+            check_int64_weights({n: weights[n] for n in self.weight_names})
+        except ValueError as exc:
+            raise WeightsError(f"delegate 'openvino': {exc}") from None
         self._stage(self._build(weights))
 
     # -- running ---------------------------------------------------------------------------
@@ -189,6 +205,21 @@ class OpenVinoExecutor(StagedWeights):
                     f"{[str(d) for d in DTYPES]}"
                 )
 
+    @staticmethod
+    def _check_int64(inputs: Sequence[Any], i: int) -> None:
+        value = inputs[i]
+        too_large = (
+            int64_out_of_range(value)
+            if isinstance(value, torch.Tensor)
+            else not -(2**30) < value < 2**30
+        )
+        if too_large:
+            raise DelegateCallError(
+                f"openvino delegate input {i} holds int64 values beyond +-2**30, which "
+                "OpenVINO's CPU plugin computes as int32; keep this region in PyTorch "
+                "(exclude_ops or another delegate)"
+            )
+
     def _tensor(self, value: Any) -> tuple[Any, Any]:
         """(ov.Tensor over the value's memory, the tensor that owns that memory)."""
         if not isinstance(value, torch.Tensor):  # a SymInt computed outside the segment
@@ -209,6 +240,8 @@ class OpenVinoExecutor(StagedWeights):
             request = compiled.probe
             owners = []  # a request does not keep the memory it reads alive
             for i, port in compiled.ports:
+                if i in self._int64_inputs:
+                    self._check_int64(inputs, i)
                 tensor, owner = self._tensor(inputs[i])
                 owners.append(owner)
                 request.set_input_tensor(port, tensor)
@@ -230,6 +263,8 @@ class OpenVinoExecutor(StagedWeights):
         request, bound = slot.request, slot.bound
         for j, (i, port) in enumerate(compiled.ports):
             value = inputs[i]
+            if i in self._int64_inputs:
+                self._check_int64(inputs, i)
             if isinstance(value, torch.Tensor):
                 if not value.is_cpu:
                     self._check(inputs)  # raises naming the input

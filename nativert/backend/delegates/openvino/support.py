@@ -18,10 +18,13 @@ Left out, and why:
 - float64, float16, bfloat16: the CPU plugin computes them in float32 (f16/bf16 results
   would also round differently from eager's per-op rounding).
 - int64 *data*: the CPU plugin narrows int64 to int32 (2**40 + 2**40 gives 0, even with
-  EXECUTION_MODE_HINT=ACCURACY), so int64 tensors are accepted only where their values are
-  bounded by a tensor size: indices read by embedding, index_select and gather (ARG_DTYPES,
-  which also lets attention masks be bool); indices returned by argmax, argmin, max.dim and
-  max_pool2d; arange, full and scalar_tensor with int32-sized literals.
+  EXECUTION_MODE_HINT=ACCURACY), so int64 tensors are accepted only where int32 computes
+  them exactly: indices read by embedding, index_select and gather (ARG_DTYPES, which also
+  lets attention masks be bool); indices returned by argmax, argmin, max.dim, topk and
+  max_pool2d; arange, full and scalar_tensor with int32-sized literals; and values that are
+  only moved, compared or offset by small literals (INT64_LIMIT: position ids and masks,
+  as transformers compute them), every int64 tensor entering a segment being checked to lie
+  within +-2**30.
 
 Known differences kept (NaN only): NaN does not propagate through maximum, minimum, amax,
 amin, relu and clamp as it does in torch, and logical_not(NaN) is True.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.fx import Node
@@ -214,6 +218,47 @@ INT64_INDEX_OUTPUTS = frozenset(
 # Creation ops that may make int64 tensors from int32-sized literals.
 INT64_CREATION = frozenset({aten.arange.start_step, aten.full.default, aten.scalar_tensor.default})
 _INT32 = 2**31
+# int64 data that OpenVINO's int32 arithmetic computes exactly: every int64 tensor entering a
+# segment is checked to lie within +-INT64_LIMIT (weights when compiled or staged, inputs on
+# every call: convert.check_int64_weights, the executor), ops that only move or compare
+# values keep that bound, and an add or subtract of a literal within +-_STEP widens it by
+# _STEP, at most _MAX_STEPS times along any path: 2**30 + 32 * 2**24 < 2**31.
+INT64_LIMIT = 2**30
+_STEP = 2**24
+_MAX_STEPS = 32
+INT64_MOVES = frozenset(
+    {
+        aten.view.default,
+        aten.permute.default,
+        aten.expand.default,
+        aten.slice.Tensor,
+        aten.select.int,
+        aten.unsqueeze.default,
+        aten.squeeze.dims,
+        aten.cat.default,
+        aten.split_with_sizes.default,
+        aten.clone.default,
+        aten.alias.default,
+        aten.gather.default,
+        aten.index_select.default,
+        aten.index.Tensor,
+        aten.where.self,
+    }
+)
+INT64_COMPARES = frozenset(
+    {
+        aten.eq.Scalar,
+        aten.eq.Tensor,
+        aten.ne.Scalar,
+        aten.lt.Scalar,
+        aten.lt.Tensor,
+        aten.le.Scalar,
+        aten.gt.Scalar,
+        aten.gt.Tensor,
+        aten.ge.Scalar,
+    }
+)
+INT64_ADDS = frozenset({aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor})
 
 
 def _inputs(node: Node) -> Iterator[tuple[int | str, torch.Tensor]]:
@@ -231,26 +276,79 @@ def _outputs(node: Node) -> list[torch.Tensor]:
     return [v for v in values if isinstance(v, torch.Tensor)]
 
 
-def _small_literals(node: Node) -> bool:
+def _small_literals(node: Node, limit: int = _INT32) -> bool:
     literals = [*node.args, *node.kwargs.values()]
     flat = [x for a in literals for x in (a if isinstance(a, (list, tuple)) else (a,))]
     numbers = [x for x in flat if isinstance(x, (int, float)) and not isinstance(x, bool)]
-    return all(-_INT32 <= x < _INT32 for x in numbers)
+    return all(-limit <= x < limit for x in numbers)
+
+
+def _int64_steps(node: Any, depth: int = 0) -> int | None:
+    """For an int64 value: how many literal adds separate it from values checked to lie
+    within +-INT64_LIMIT (see INT64_LIMIT); None when OpenVINO could not compute it exactly.
+
+    A value no rule here lets OpenVINO compute (a placeholder, a PyTorch node, another
+    region's output) enters the segment as an input, checked on every call: 0."""
+    if not isinstance(node, Node) or node.op != "call_function" or depth > 64:
+        return 0 if depth <= 64 else None
+    target = node.target
+    if target is operator.getitem and isinstance(node.args[0], Node):
+        producer = node.args[0]
+        if producer.target in INT64_INDEX_OUTPUTS:
+            return 0
+        return _int64_steps(producer, depth + 1)
+    if target in INT64_INDEX_OUTPUTS:
+        return 0
+    if target in INT64_CREATION:
+        return 0 if _small_literals(node, INT64_LIMIT) else None
+    if target in INT64_MOVES or target in INT64_ADDS:
+        tensors = [a for a in node.all_input_nodes if _is_int64(a)]
+        steps = [_int64_steps(a, depth + 1) for a in tensors]
+        if any(s is None for s in steps):
+            return None
+        most = max(steps, default=0)
+        if target in INT64_MOVES:
+            return most
+        literals = [a for a in node.args[1:] if not isinstance(a, Node)]
+        if len(tensors) != 1 or not _small_literals(node, _STEP) or not literals:
+            return None  # two int64 tensors, or a large literal: could leave int32
+        return most + 1 if most + 1 <= _MAX_STEPS else None
+    return None
+
+
+def _is_int64(node: Node) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.dtype == torch.int64
+
+
+def _bounded_int64_data(node: Node) -> bool:
+    """The node moves, compares or adds int64 values OpenVINO computes exactly."""
+    target = node.target
+    if target in INT64_COMPARES:
+        tensors = [a for a in node.all_input_nodes if _is_int64(a)]
+        return all(_int64_steps(a) is not None for a in tensors)
+    if target in INT64_MOVES or target in INT64_ADDS:
+        return _int64_steps(node) is not None
+    return False
 
 
 def check_dtypes(node: Node) -> str | None:
     """Every tensor the node reads or writes has a dtype the op runs on in OpenVINO, and
-    int64 only where its values are bounded by a size (see the module docstring)."""
+    int64 only where its values stay within int32 (see the module docstring)."""
     allowed = DTYPES[node.target]
     by_arg = ARG_DTYPES.get(node.target, {})
+    int64_data = _bounded_int64_data(node)
     for key, value in _inputs(node):
         dtypes = by_arg.get(key, allowed)
+        if value.dtype == torch.int64 and int64_data:
+            continue
         if value.dtype not in dtypes:
             return _dtype_reason(value.dtype, dtypes)
     for value in _outputs(node):
         if value.dtype == torch.int64 and (
             node.target in INT64_INDEX_OUTPUTS
             or (node.target in INT64_CREATION and _small_literals(node))
+            or int64_data
         ):
             continue
         if value.dtype not in allowed:
@@ -262,8 +360,8 @@ def _dtype_reason(dtype: torch.dtype, allowed: frozenset[torch.dtype]) -> str:
     name = str(dtype).removeprefix("torch.")
     if dtype == torch.int64:
         return (
-            "int64 values (OpenVINO's CPU plugin computes int64 as int32; only indices may "
-            "be int64)"
+            "int64 values (OpenVINO's CPU plugin computes int64 as int32; int64 may only be "
+            "indices, or values moved, compared or offset by small literals)"
         )
     return f"dtype {name} not supported (runs on {sorted(str(d)[6:] for d in allowed)})"
 
