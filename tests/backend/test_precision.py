@@ -223,3 +223,19 @@ def test_openvino_bf16_runs_its_bf16_kernels(model):
     runtime = compiled.get_runtime_model()
     precisions = {str(op.get_rt_info()["runtimePrecision"]) for op in runtime.get_ordered_ops()}
     assert "bf16" in precisions, precisions
+
+
+@needs_aoti
+def test_torch_compile_takes_the_precision_option(model, cache_dir):
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        model,
+        backend="nativert",
+        options={"precision": "bf16", "delegates": ["aoti"], "cache_dir": cache_dir},
+    )
+    inputs = _inputs()
+    with torch.no_grad():
+        got, expected = compiled(*inputs), model(*inputs)
+    assert 0 < _rel(got[0], expected[0]) < 2e-2 and torch.equal(got[1], expected[1])
+    text = str(nativert.last_compile_report())
+    assert "bf16 (rel err" in text and "100%" in text, text

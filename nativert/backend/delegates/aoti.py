@@ -34,13 +34,14 @@ AOTInductor compiles take seconds, so `aoti` is not a default candidate: name it
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
 import tempfile
 import threading
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -286,6 +287,24 @@ def _has_compiler() -> str | None:
         return None
 
 
+@contextlib.contextmanager
+def _real_constants_allowed(program: ExportedProgram) -> Iterator[None]:
+    """Let inductor's constant folding (a lower-precision segment's weight casts) meet the
+    real weights under the fake mode the segment's metadata was traced with. torch.export's
+    fake modes allow that; the one torch.compile hands over (aot_autograd's) does not."""
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode(placeholder_values(program))
+    if mode is None or mode.allow_non_fake_inputs:
+        yield
+        return
+    mode.allow_non_fake_inputs = True
+    try:
+        yield
+    finally:
+        mode.allow_non_fake_inputs = False
+
+
 class AotiDelegate(Delegate):
     backend_id = "aoti"
     priority = 200
@@ -349,9 +368,12 @@ class AotiDelegate(Delegate):
         with tempfile.TemporaryDirectory(prefix="nativert-aoti-") as directory:
             path = os.path.join(directory, "segment.pt2")
             try:
-                torch._inductor.aoti_compile_and_package(
-                    program, package_path=path, inductor_configs=config
-                )
+                # Outside any caller's tracing (torch.compile lowers under Dynamo's): its
+                # fake mode is not this compile's, and constant folding meets real weights.
+                with torch._guards.tracing(None), _real_constants_allowed(program):
+                    torch._inductor.aoti_compile_and_package(
+                        program, package_path=path, inductor_configs=config
+                    )
             except Exception as exc:
                 raise DelegateCompileError(
                     f"aoti_compile_and_package failed: {type(exc).__name__}: "
