@@ -4,7 +4,8 @@ Available only where `torch_tensorrt` and `tensorrt` import and torch sees a CUD
 `is_available()` says which is missing, and partitioners never pick it then. Install with
 the `tensorrt` extra on a machine whose torch has CUDA.
 
-Compile specs are torch_tensorrt compilation settings (e.g. `enabled_precisions`); see
+Compile specs are torch_tensorrt compilation settings (e.g. `enabled_precisions`), plus
+nativert's `precision` (fp16 or bf16: enabled beside fp32, TensorRT picks per layer); see
 executor.py for how engines are built, run and rebuilt for new weights. Refit in place is
 not used yet: the mapping from weight names to the engine's refittable weights is
 torch_tensorrt-internal.
@@ -34,6 +35,9 @@ class TensorRtDelegate(Delegate):
 
     def toolchain(self) -> dict[str, str]:
         return package_versions("torch_tensorrt")
+
+    def precisions(self) -> tuple[str, ...]:
+        return ("fp32", "fp16", "bf16") if self.is_available() else ("fp32",)
 
     def is_available(self) -> Availability:
         missing = [m for m in ("tensorrt", "torch_tensorrt") if importlib.util.find_spec(m) is None]

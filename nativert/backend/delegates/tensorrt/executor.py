@@ -28,7 +28,7 @@ from nativert._program import (
     validate_weights,
     weight_names,
 )
-from nativert.delegate import CompileSpec, StagedWeights
+from nativert.delegate import FP32, PRECISION_SPEC, TORCH_DTYPES, CompileSpec, StagedWeights
 from nativert.errors import DelegateCallError, DelegateCompileError
 
 _TRT_TO_TORCH = {
@@ -82,6 +82,10 @@ def build_engine(program: ExportedProgram, compile_specs: Sequence[CompileSpec])
     import torch_tensorrt
 
     settings = {spec.key: spec.value for spec in compile_specs}
+    precision = settings.pop(PRECISION_SPEC, FP32)
+    if precision != FP32 and "enabled_precisions" not in settings:
+        # TensorRT's own typing: it may pick fp16/bf16 kernels per layer, I/O keep dtypes.
+        settings["enabled_precisions"] = ["float32", str(TORCH_DTYPES[precision])[6:]]
     if "enabled_precisions" in settings:  # JSON-friendly spelling: ["float16", ...]
         settings["enabled_precisions"] = {
             getattr(torch, p) if isinstance(p, str) else p for p in settings["enabled_precisions"]
