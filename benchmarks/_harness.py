@@ -59,7 +59,11 @@ def interleaved_stats(
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {torch.get_num_threads()} torch threads"
+    """The CPU, its bf16/int8 matrix and vector extensions (they decide what lower-precision
+    columns mean) and torch's thread count."""
+    from nativert.backend.autotune import machine as cpu
+
+    return f"{platform.machine()}, {cpu()}, {torch.get_num_threads()} torch threads"
 
 
 def write(name: str, result: dict, lines: list[str]) -> None:

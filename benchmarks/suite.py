@@ -17,6 +17,13 @@ Ways to run (each compiled from the same model and inputs; inference, no grad):
                      payload cache off
   nativert_autotune  the same with autotune=True, from an empty cache (the compile time
                      includes the tuning)
+Lower precision (each column's error against fp32 eager is reported beside it):
+  openvino_default   as openvino, at OpenVINO's default precision (bf16 on CPUs with
+                     AVX512-BF16 or AMX, f32 elsewhere)
+  inductor_bf16      torch.compile(model) called under torch.autocast("cpu", torch.bfloat16)
+  aoti_bf16          AOTInductor of the model in bf16 (float inputs cast in, outputs out)
+  nativert_bf16      nativert.Executor(nativert.to_backend(ep, precision="bf16"))
+  nativert_bf16_autotune  the same with autotune=True
 Per model and way: compile time, median and min latency (over rounds of `runs` calls),
 speed-up over eager, max abs error against eager, or the failure. Writes
 benchmarks/results/suite.{json,md}.
@@ -107,6 +114,68 @@ def nativert_autotune(model, inputs, expected):
     return lambda: executor(*inputs)
 
 
+def openvino_default(model, inputs, expected):
+    import openvino as ov
+
+    converted = ov.convert_model(torch.export.export(model, inputs))
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    request = ov.Core().compile_model(converted, "CPU", config).create_infer_request()
+
+    def run():
+        outputs = request.infer([x.numpy() for x in inputs], share_inputs=True)
+        return torch.from_numpy(outputs[0])
+
+    return run
+
+
+def inductor_bf16(model, inputs, expected):
+    compiled = torch.compile(model)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return compiled(*inputs).float()
+
+    run()
+    return run
+
+
+def _bf16(x):
+    return x.bfloat16() if x.dtype.is_floating_point else x
+
+
+def aoti_bf16(model, inputs, expected):
+    import copy
+    import tempfile
+
+    low = copy.deepcopy(model).bfloat16()
+    cast = tuple(_bf16(x) for x in inputs)
+    with tempfile.TemporaryDirectory() as directory:
+        path = torch._inductor.aoti_compile_and_package(
+            torch.export.export(low, cast), package_path=f"{directory}/model.pt2"
+        )
+        compiled = torch._inductor.aoti_load_package(path)
+    return lambda: compiled(*(_bf16(x) for x in inputs)).float()
+
+
+def nativert_bf16(model, inputs, expected, autotune=False):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        program = nativert.to_backend(
+            torch.export.export(model, inputs),
+            precision="bf16",
+            autotune=autotune,
+            cache_dir=cache,
+        )
+    executor = nativert.Executor(program)
+    print(nativert.delegation_report(program), flush=True)
+    return lambda: executor(*inputs)
+
+
+def nativert_bf16_autotune(model, inputs, expected):
+    return nativert_bf16(model, inputs, expected, autotune=True)
+
+
 WAYS = {
     "inductor": inductor,
     "plain_ort": plain_ort_runner,
@@ -116,8 +185,17 @@ WAYS = {
     "nativert_compile": nativert_compile,
     "nativert_executor": nativert_executor,
     "nativert_autotune": nativert_autotune,
+    "openvino_default": openvino_default,
+    "inductor_bf16": inductor_bf16,
+    "aoti_bf16": aoti_bf16,
+    "nativert_bf16": nativert_bf16,
+    "nativert_bf16_autotune": nativert_bf16_autotune,
 }
 PEERS = ("eager", "inductor", "plain_ort", "aoti", "openvino", "openvino_compile")
+BF16_PEERS = ("openvino_default", "inductor_bf16", "aoti_bf16")
+FP32_WAYS = tuple(
+    w for w in WAYS if w not in (*BF16_PEERS, "nativert_bf16", "nativert_bf16_autotune")
+)
 
 
 def _failure(exc: BaseException) -> str:
@@ -139,7 +217,7 @@ def bench_model(name: str, args) -> dict:
     with torch.no_grad():
         expected = model(*inputs)
     cases = {"eager": lambda: model(*inputs)}
-    result: dict = {"compile_s": {}, "failures": {}, "max_abs_error": {}}
+    result: dict = {"compile_s": {}, "failures": {}, "max_abs_error": {}, "rel_error": {}}
     for way, build in WAYS.items():
         torch._dynamo.reset()
         start = time.perf_counter()
@@ -153,6 +231,7 @@ def bench_model(name: str, args) -> dict:
             continue
         result["compile_s"][way] = round(time.perf_counter() - start, 2)
         result["max_abs_error"][way] = float((got - expected).abs().max())
+        result["rel_error"][way] = result["max_abs_error"][way] / float(expected.abs().max())
         cases[way] = fn
     stats = interleaved_stats(cases, runs=args.runs, rounds=args.rounds)
     eager = stats["eager"]["median_us"]
@@ -167,12 +246,13 @@ def _latency(us: float) -> str:
     return f"{us:.0f} us" if us < 1000 else f"{us / 1000:.2f} ms"
 
 
-def _versus_peers(results: dict) -> list[str]:
+def _versus_peers(results: dict, peers_of=PEERS, ours=None, title=None) -> list[str]:
     """Per model: the best peer, and each nativert way as a ratio of it (>1: faster); then
     geomeans of the speed-ups over eager."""
-    ours = [w for w in WAYS if w.startswith("nativert")]
+    ours = ours or [w for w in FP32_WAYS if w.startswith("nativert")]
     lines = [
-        "Against the best peer per model (ratio = peer latency / nativert latency; >= 1.00 "
+        title
+        or "Against the best peer per model (ratio = peer latency / nativert latency; >= 1.00 "
         "means nativert is at least as fast):",
         "",
         "| model | best peer | " + " | ".join(ours) + " |",
@@ -181,7 +261,9 @@ def _versus_peers(results: dict) -> list[str]:
     logs: dict[str, list[float]] = {w: [] for w in ["best_peer", *ours]}
     for name, r in results.items():
         medians = r["median_us"]
-        peers = {w: medians[w] for w in PEERS if w in medians}
+        peers = {w: medians[w] for w in peers_of if w in medians}
+        if not peers:
+            continue
         best = min(peers, key=peers.__getitem__)
         logs["best_peer"].append(math.log(r["speedup_vs_eager"][best]))
         cells = []
@@ -209,7 +291,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--models", default=",".join(SUITE))
+    parser.add_argument(
+        "--render", metavar="JSON", help="write the tables of an earlier run's json again"
+    )
     args = parser.parse_args()
+    if args.render:
+        import json
+
+        report = json.loads(Path(args.render).read_text())
+        render(report)
+        return
     warnings.filterwarnings("ignore")
     names = [m for m in args.models.split(",") if m]
     results = {name: bench_model(name, args) for name in names}
@@ -225,6 +316,11 @@ def main() -> None:
         "openvino": __import__("openvino").__version__,
         "models": results,
     }
+    render(report)
+
+
+def render(report: dict) -> None:
+    results, command = report["models"], report["command"]
     ways = ["eager", *WAYS]
     lines = [
         f"# nativert benchmark suite ({report['date']})",
@@ -246,6 +342,28 @@ def main() -> None:
                 cells.append(f"{_latency(r['median_us'][way])} (x{r['speedup_vs_eager'][way]:.2f})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", *_versus_peers(results)]
+    title = (
+        "At precision='bf16', against the fastest lower-precision peer (peer latency / "
+        "nativert latency); the relative error of each column against fp32 eager (max "
+        "|error| / max |output|) is in the table after it:"
+    )
+    lines += [
+        "",
+        *_versus_peers(results, BF16_PEERS, ["nativert_bf16", "nativert_bf16_autotune"], title),
+        "",
+        "| model | "
+        + " | ".join(
+            f"{w} rel err" for w in (*BF16_PEERS, "nativert_bf16", "nativert_bf16_autotune")
+        )
+        + " |",
+        "|---|" + "---|" * 5,
+    ]
+    for name, r in results.items():
+        cells = [
+            f"{r['rel_error'][w]:.1e}" if w in r["rel_error"] else "failed"
+            for w in (*BF16_PEERS, "nativert_bf16", "nativert_bf16_autotune")
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Compile time (s) and max abs error vs eager:", ""]
     lines += ["| model | " + " | ".join(WAYS) + " |", "|---|" + "---|" * len(WAYS)]
     for name, r in results.items():
