@@ -336,6 +336,33 @@ def test_int64_beyond_int32_is_refused_where_it_enters_never_truncated():
         runner(ids + 2**31)
 
 
+class Int64Risks(nn.Module):
+    """int64 arithmetic int32 would get wrong: a scaled add, int32 promoted by cat, a
+    comparison with a literal beyond int32."""
+
+    def forward(self, ids: torch.Tensor, small: torch.Tensor):
+        scaled = torch.add(ids, 3, alpha=2**23).unsqueeze(0)
+        promoted = torch.cat([small, ids]) + 1
+        far = (ids == 2**32 + 1).unsqueeze(0)
+        return scaled, promoted, far
+
+
+def test_int64_arithmetic_that_could_leave_int32_stays_in_pytorch():
+    ids, small = idx(50, 6), torch.tensor([2**31 - 1, 5], dtype=torch.int32)
+    model = Int64Risks()
+    program = nativert.to_backend(torch.export.export(model, (ids, small)), delegates=["openvino"])
+    kept = [
+        str(n.target)
+        for n in program.graph.nodes
+        if n.meta.get(REASON_KEY, "").startswith("openvino: int64 values")
+    ]
+    # the scaled add, the add after the promoting cat, the far comparison: each kept
+    assert sorted(kept).count("aten.add.Tensor") == 2 and "aten.eq.Scalar" in kept, kept
+    with torch.no_grad():
+        for got, expected in zip(program.module()(ids, small), model(ids, small), strict=True):
+            assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize(
     ("op", "call", "tensors", "reason"),
     [

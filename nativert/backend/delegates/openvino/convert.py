@@ -138,7 +138,7 @@ def _native_norm(node: torch.fx.Node) -> tuple[Any, tuple[Any, ...]]:
         return aten.native_layer_norm.default, tuple(args[n] for n in names)
     names = ("input", "num_groups", "weight", "bias", "eps")
     args = _bound(node, names, {"weight": None, "bias": None, "eps": 1e-5})
-    shape = [int(d) for d in node.args[0].meta["val"].shape]
+    shape = [int(d) for d in args["input"].meta["val"].shape]
     n, c, hw = shape[0], shape[1], math.prod(shape[2:])
     return aten.native_group_norm.default, (
         args["input"],

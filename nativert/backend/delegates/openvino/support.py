@@ -52,6 +52,22 @@ PRESERVED = (
     aten.group_norm.default,
 )
 
+# Ops that only move values (views, shapes, copies): int64 values keep their bound through
+# them (INT64_MOVES).
+MOVES = (
+    aten.view.default,
+    aten.permute.default,
+    aten.expand.default,
+    aten.slice.Tensor,
+    aten.select.int,
+    aten.unsqueeze.default,
+    aten.squeeze.dims,
+    aten.cat.default,
+    aten.split_with_sizes.default,
+    aten.clone.default,
+    aten.alias.default,
+)
+
 FLOAT = frozenset({torch.float32})
 NUMERIC = frozenset({torch.float32, torch.int32})
 INTEGRAL = frozenset({torch.int32, torch.bool})
@@ -164,24 +180,7 @@ DTYPES: dict[torch._ops.OpOverload, frozenset[torch.dtype]] = {
     aten.upsample_nearest2d.vec: FLOAT,
     aten.upsample_bilinear2d.vec: FLOAT,
     # views, shapes, copies
-    **dict.fromkeys(
-        (
-            aten.view.default,
-            aten.permute.default,
-            aten.expand.default,
-            aten.slice.Tensor,
-            aten.select.int,
-            aten.unsqueeze.default,
-            aten.squeeze.dims,
-            aten.cat.default,
-            aten.split_with_sizes.default,
-            aten.clone.default,
-            aten.alias.default,
-            aten.constant_pad_nd.default,
-            aten._to_copy.default,
-        ),
-        ANY,
-    ),
+    **dict.fromkeys((*MOVES, aten.constant_pad_nd.default, aten._to_copy.default), ANY),
     # creation and indexing
     aten.full.default: ANY,
     aten.full_like.default: ANY,
@@ -228,17 +227,7 @@ _STEP = 2**24
 _MAX_STEPS = 32
 INT64_MOVES = frozenset(
     {
-        aten.view.default,
-        aten.permute.default,
-        aten.expand.default,
-        aten.slice.Tensor,
-        aten.select.int,
-        aten.unsqueeze.default,
-        aten.squeeze.dims,
-        aten.cat.default,
-        aten.split_with_sizes.default,
-        aten.clone.default,
-        aten.alias.default,
+        *MOVES,
         aten.gather.default,
         aten.index_select.default,
         aten.index.Tensor,
@@ -283,42 +272,61 @@ def _small_literals(node: Node, limit: int = _INT32) -> bool:
     return all(-limit <= x < limit for x in numbers)
 
 
-def _int64_steps(node: Any, depth: int = 0) -> int | None:
+def _int64_steps(node: Any, memo: dict | None = None, depth: int = 0) -> int | None:
     """For an int64 value: how many literal adds separate it from values checked to lie
     within +-INT64_LIMIT (see INT64_LIMIT); None when OpenVINO could not compute it exactly.
 
-    A value no rule here lets OpenVINO compute (a placeholder, a PyTorch node, another
-    region's output) enters the segment as an input, checked on every call: 0."""
-    if not isinstance(node, Node) or node.op != "call_function" or depth > 64:
-        return 0 if depth <= 64 else None
+    A value no rule here lets OpenVINO compute (a placeholder, another region's output, an
+    op whose int64 output the table refuses, which therefore runs in PyTorch) enters the
+    segment as an input, checked on every call: 0."""
+    memo = {} if memo is None else memo
+    if not isinstance(node, Node) or node.op != "call_function":
+        return 0
+    if depth > 64:
+        return None
+    if node in memo:
+        return memo[node]
+    memo[node] = steps = _steps(node, memo, depth)
+    return steps
+
+
+_DATA_ONLY = {aten.gather.default, aten.index_select.default, aten.index.Tensor}
+
+
+def _steps(node: Node, memo: dict, depth: int) -> int | None:
     target = node.target
     if target is operator.getitem and isinstance(node.args[0], Node):
         producer = node.args[0]
         if producer.target in INT64_INDEX_OUTPUTS:
             return 0
-        return _int64_steps(producer, depth + 1)
+        return _int64_steps(producer, memo, depth + 1)
     if target in INT64_INDEX_OUTPUTS:
         return 0
     if target in INT64_CREATION:
         return 0 if _small_literals(node, INT64_LIMIT) else None
-    if target in INT64_MOVES or target in INT64_ADDS:
-        tensors = [a for a in node.all_input_nodes if _is_int64(a)]
-        steps = [_int64_steps(a, depth + 1) for a in tensors]
-        if any(s is None for s in steps):
-            return None
-        most = max(steps, default=0)
-        if target in INT64_MOVES:
-            return most
-        literals = [a for a in node.args[1:] if not isinstance(a, Node)]
-        if len(tensors) != 1 or not _small_literals(node, _STEP) or not literals:
-            return None  # two int64 tensors, or a large literal: could leave int32
-        return most + 1 if most + 1 <= _MAX_STEPS else None
-    return None
-
-
-def _is_int64(node: Node) -> bool:
-    value = node.meta.get("val")
-    return isinstance(value, torch.Tensor) and value.dtype == torch.int64
+    if target not in INT64_MOVES and target not in INT64_ADDS:
+        return 0  # refused by the table when it makes int64: computed in PyTorch
+    # The values moved: a gather's data, not its indices (bounded by a size).
+    sources = node.args[:1] if target in _DATA_ONLY else node.all_input_nodes
+    tensors = []
+    for source in sources:
+        value = source.meta.get("val") if isinstance(source, Node) else None
+        if not isinstance(value, torch.Tensor) or value.dtype == torch.bool:
+            continue
+        if value.dtype != torch.int64:
+            return None  # int32 promoted to int64 here: not within the bound
+        tensors.append(source)
+    steps = [_int64_steps(a, memo, depth + 1) for a in tensors]
+    if any(s is None for s in steps):
+        return None
+    most = max(steps, default=0)
+    if target in INT64_MOVES:
+        return most
+    literals = [a for a in node.args[1:] if not isinstance(a, Node)]
+    alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
+    if len(tensors) != 1 or not literals or alpha != 1 or not _small_literals(node, _STEP):
+        return None  # two int64 tensors, a scale, or a large literal: could leave int32
+    return most + 1 if most + 1 <= _MAX_STEPS else None
 
 
 def _bounded_int64_data(node: Node) -> bool:
@@ -326,10 +334,16 @@ def _bounded_int64_data(node: Node) -> bool:
     target = node.target
     if target in INT64_COMPARES:
         tensors = [a for a in node.all_input_nodes if _is_int64(a)]
-        return all(_int64_steps(a) is not None for a in tensors)
+        bounded = all(_int64_steps(a) is not None for a in tensors)
+        return bounded and _small_literals(node, INT64_LIMIT)  # the literal is int32 too
     if target in INT64_MOVES or target in INT64_ADDS:
         return _int64_steps(node) is not None
     return False
+
+
+def _is_int64(node: Node) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.dtype == torch.int64
 
 
 def check_dtypes(node: Node) -> str | None:
@@ -396,7 +410,8 @@ def _var(node: Node) -> str | None:
 
 
 def _static_shapes(node: Node) -> str | None:
-    value = node.args[0].meta.get("val") if isinstance(node.args[0], Node) else None
+    source = node.args[0] if node.args else node.kwargs.get("input")
+    value = source.meta.get("val") if isinstance(source, Node) else None
     if not isinstance(value, torch.Tensor) or not all(isinstance(d, int) for d in value.shape):
         return "dynamic shapes (the native form needs the batch and channel counts)"
     return None
