@@ -297,8 +297,10 @@ def _key(code: str, inputs: Sequence[Any], runners: Sequence[Runner], settings) 
         "candidates": {
             r.name: [_version(r.spec.backend_id), repr(r.spec.compile_specs)] for r in runners
         },
-        # Below fp32 the choice depends on the error allowed.
-        "accuracy": settings.accuracy if any(r.precision != FP32 for r in runners) else None,
+        # The precision allowed, and below fp32 the error allowed, decide the choice (also
+        # for a program no delegate takes whole: its candidate list is empty).
+        "precision": settings.precision,
+        "accuracy": settings.accuracy if settings.precision != FP32 else None,
         "machine": machine(),
         "threads": torch.get_num_threads(),
     }

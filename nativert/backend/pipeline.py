@@ -38,7 +38,7 @@ from nativert._quiet import quiet
 from nativert.backend.autotune import TuningReport, candidate_settings, tune_and_lower
 from nativert.backend.cache import payload_cache
 from nativert.backend.lowering import hybrid_specs, lower_tagged_program
-from nativert.backend.plan import RegionPlan, guarded_plan
+from nativert.backend.plan import RegionPlan, guarded_plan, in_fp32
 from nativert.errors import DelegateCompileError, PartitionError
 from nativert.partitioner.base import DelegationSpec, Partitioner, PartitionResult
 from nativert.partitioner.capability import CapabilityPartitioner
@@ -169,12 +169,15 @@ def _lower_program(program, settings, partitioner, passes, after_lowering, on_fa
 
 def alternatives(partitioner: Partitioner) -> tuple[DelegationSpec, ...]:
     """The delegates a node that breaks its region's compile is offered to, in priority
-    order: those a CapabilityPartitioner assigns to (a custom partitioner's choice is kept)."""
+    order, in fp32: those a CapabilityPartitioner assigns to (a custom partitioner's choice
+    is kept)."""
     if not isinstance(partitioner, CapabilityPartitioner):
         return ()
     settings = partitioner.settings
+    # fp32: a piece salvaged onto another delegate is not checked by the accuracy guard.
     return tuple(
-        DelegationSpec(d.backend_id, settings.specs_for(d)) for d in partitioner.candidates()
+        in_fp32(DelegationSpec(d.backend_id, settings.specs_for(d)))
+        for d in partitioner.candidates()
     )
 
 

@@ -97,8 +97,8 @@ def guard(
     **compile_kw: Any,
 ) -> RegionPlan:
     """The plan of a region whose spec asks for a precision below fp32 (see the module
-    docstring). A region that fails to compile keeps its spec: lowering compiles it again
-    and salvages what it can, as for any region."""
+    docstring). A region that fails to compile at that precision is planned in fp32 (and
+    salvaged by lowering if that fails too): nothing below fp32 goes unchecked."""
     from nativert.backend.lowering import compile_segment
 
     precision = spec_precision(spec.compile_specs)
@@ -110,8 +110,8 @@ def guard(
         if expected is None:
             expected = reference_outputs(segment, args)
         accuracy = measure_accuracy(got, expected)
-    except DelegateCompileError:
-        return RegionPlan(spec)
+    except DelegateCompileError as exc:  # fp32 it is; lowering salvages it if that fails too
+        return _fallback(tag, spec, f"{precision} failed to compile ({first_line(exc)[:200]})")
     except Exception as exc:  # it compiled but cannot run or answers wrongly: fp32
         why = f"{precision} failed on the example inputs ({type(exc).__name__}: "
         why += f"{first_line(exc)[:200]})"
@@ -141,7 +141,12 @@ def guarded_plan(
     if not low:
         return plan
     program = result.tagged_program
-    values = node_values(program, example_user_inputs(program, example_inputs))
+    try:
+        values = node_values(program, example_user_inputs(program, example_inputs))
+    except Exception as exc:  # nothing to measure on: nothing goes below fp32 unchecked
+        why = f"the program does not run on its example inputs ({type(exc).__name__}: "
+        why += f"{first_line(exc)[:200]})"
+        return {tag: _fallback(tag, p.spec, why) if tag in low else p for tag, p in plan.items()}
     for tag, (segment, names) in region_segments(program, result.tags, only=low).items():
         args = region_args(values, names)
         plan[tag] = guard(segment, plan[tag].spec, tag, args, settings.accuracy, cache=cache)

@@ -42,11 +42,12 @@ def lower_precision(program: ExportedProgram, dtype: torch.dtype) -> PassResult:
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     output = graph.output_node()
+    was_float32 = [_float32(value) for value in output.args[0]]
     modified = False
     for node in placeholders:
-        if not _float32(node) or not node.users:
+        users = [u for u in node.users if u is not output]  # returned as is: stays fp32
+        if not _float32(node) or not users:
             continue
-        users = list(node.users)
         with graph.inserting_after(placeholders[-1]):
             cast = graph.call_function(_CAST, (node,), {"dtype": dtype})
         for user in users:
@@ -54,7 +55,6 @@ def lower_precision(program: ExportedProgram, dtype: torch.dtype) -> PassResult:
         modified = True
     if not modified:
         return PassResult(program, modified=False)
-    was_float32 = [_float32(value) for value in output.args[0]]
     _propagate(gm, placeholders)
     outputs = []
     with graph.inserting_before(output):

@@ -77,6 +77,18 @@ def test_lower_precision_computes_inside_in_bf16_and_keeps_the_boundary(model):
         lower_precision(program, torch.float64)
 
 
+def test_lower_precision_keeps_an_input_returned_as_it_is_in_fp32():
+    class PassThrough(nn.Module):
+        def forward(self, x):
+            return x, x * 2
+
+    program = torch.export.export(PassThrough(), (torch.randn(3),)).run_decompositions()
+    lowered = lower_precision(program, torch.bfloat16).program
+    x = torch.randn(3)
+    same, doubled = lowered.module()(x)
+    assert same.dtype == doubled.dtype == torch.float32 and torch.equal(same, x)
+
+
 def test_fp32_is_exactly_what_lowering_did_before(model):
     program = torch.export.export(model, _inputs())
     plain = nativert.to_backend(program, cache_dir=None)

@@ -32,6 +32,7 @@ class TensorRtDelegate(Delegate):
     priority = 400
     compile_spec_keys = None  # torch_tensorrt compilation settings, checked when it builds
     executes_native_code = True  # an engine: TensorRT deserializes and runs its kernels
+    fast_compile = False  # engine builds take seconds to minutes
 
     def toolchain(self) -> dict[str, str]:
         return package_versions("torch_tensorrt")
