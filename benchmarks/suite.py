@@ -64,15 +64,14 @@ def inductor(model, inputs, expected):
     return lambda: compiled(*inputs)
 
 
-def openvino(model, inputs, expected):
+def openvino(model, inputs, expected, precision_hint="f32"):
+    """OpenVINO as its users run it; precision_hint None: its default precision."""
     import openvino as ov
 
     converted = ov.convert_model(torch.export.export(model, inputs))
-    config = {
-        "INFERENCE_PRECISION_HINT": "f32",
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-    }
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    if precision_hint is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision_hint
     request = ov.Core().compile_model(converted, "CPU", config).create_infer_request()
 
     def run():
@@ -115,17 +114,7 @@ def nativert_autotune(model, inputs, expected):
 
 
 def openvino_default(model, inputs, expected):
-    import openvino as ov
-
-    converted = ov.convert_model(torch.export.export(model, inputs))
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
-    request = ov.Core().compile_model(converted, "CPU", config).create_infer_request()
-
-    def run():
-        outputs = request.infer([x.numpy() for x in inputs], share_inputs=True)
-        return torch.from_numpy(outputs[0])
-
-    return run
+    return openvino(model, inputs, expected, precision_hint=None)
 
 
 def inductor_bf16(model, inputs, expected):
