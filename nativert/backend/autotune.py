@@ -367,7 +367,7 @@ class _Tuner:
 
     def _compile(self, segment, tag, runner: Runner, args, expected):
         lowered = compile_segment(segment, runner.spec, tag, cache=self.cache)
-        _, run = run_lowered(lowered, args)
+        run = run_lowered(lowered, args)
         with torch.no_grad():
             accuracy = _check(run(), expected, runner.precision, self.settings.accuracy)
         return run, RegionPlan(runner.spec, lowered.processed_bytes, accuracy=accuracy)

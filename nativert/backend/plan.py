@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -69,20 +69,14 @@ def in_fp32(spec: DelegationSpec) -> DelegationSpec:
     return dataclasses.replace(spec, compile_specs=specs)
 
 
-def run_lowered(lowered: Any, args: Sequence[Any]) -> tuple[Any, Any]:
-    """A lowered module's executor bound to the weights in `args` (weights first), and
-    a call that runs it on the rest."""
+def run_lowered(lowered: Any, args: Sequence[Any]) -> Callable[[], Any]:
+    """A call that runs a new executor of `lowered`, bound to the weights in `args`
+    (weights first), on the rest of `args`."""
     executor = lowered.load_executor()
     count = lowered.num_weights
     executor.init_weights(dict(zip(lowered.weight_names, args[:count], strict=True)))
     state, inputs = executor.active_state(), list(args[count:])
-    return executor, (lambda: executor.run_with(state, inputs))
-
-
-def reference_outputs(segment: ExportedProgram, args: Sequence[Any]) -> Any:
-    """The segment's outputs in PyTorch (fp32, as exported)."""
-    with torch.no_grad():
-        return segment.graph_module(*args)
+    return lambda: executor.run_with(state, inputs)
 
 
 def guard(
@@ -93,7 +87,6 @@ def guard(
     budget: float,
     *,
     cache: PayloadCache | None,
-    expected: Any = None,
     **compile_kw: Any,
 ) -> RegionPlan:
     """The plan of a region whose spec asks for a precision below fp32 (see the module
@@ -104,11 +97,9 @@ def guard(
     precision = spec_precision(spec.compile_specs)
     try:
         lowered = compile_segment(segment, spec, tag, cache=cache, **compile_kw)
-        _, run = run_lowered(lowered, args)
+        run = run_lowered(lowered, args)
         with torch.no_grad():
-            got = run()
-        if expected is None:
-            expected = reference_outputs(segment, args)
+            got, expected = run(), segment.graph_module(*args)  # expected: fp32 PyTorch
         accuracy = measure_accuracy(got, expected)
     except DelegateCompileError as exc:  # fp32 it is; lowering salvages it if that fails too
         return _fallback(tag, spec, f"{precision} failed to compile ({first_line(exc)[:200]})")
