@@ -233,7 +233,9 @@ def test_openvino_bf16_runs_its_bf16_kernels(model):
     compiled = executor.active_state().model
     assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'bfloat16'>"
     runtime = compiled.get_runtime_model()
-    precisions = {str(op.get_rt_info()["runtimePrecision"]) for op in runtime.get_ordered_ops()}
+    precisions = {
+        op.get_rt_info()["runtimePrecision"].astype(str) for op in runtime.get_ordered_ops()
+    }
     assert "bf16" in precisions, precisions
 
 
