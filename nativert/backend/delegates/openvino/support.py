@@ -67,6 +67,18 @@ MOVES = (
     aten.clone.default,
     aten.alias.default,
 )
+# Comparisons: int64 operands within the bound compare exactly (INT64_COMPARES).
+COMPARES = (
+    aten.eq.Scalar,
+    aten.eq.Tensor,
+    aten.ne.Scalar,
+    aten.lt.Scalar,
+    aten.lt.Tensor,
+    aten.le.Scalar,
+    aten.gt.Scalar,
+    aten.gt.Tensor,
+    aten.ge.Scalar,
+)
 
 FLOAT = frozenset({torch.float32})
 NUMERIC = frozenset({torch.float32, torch.int32})
@@ -132,15 +144,7 @@ DTYPES: dict[torch._ops.OpOverload, frozenset[torch.dtype]] = {
     ),
     **dict.fromkeys(
         (
-            aten.eq.Scalar,
-            aten.eq.Tensor,
-            aten.ne.Scalar,
-            aten.lt.Scalar,
-            aten.lt.Tensor,
-            aten.le.Scalar,
-            aten.gt.Scalar,
-            aten.gt.Tensor,
-            aten.ge.Scalar,
+            *COMPARES,
             aten.logical_not.default,
             aten.logical_and.default,
             aten.logical_or.default,
@@ -234,19 +238,7 @@ INT64_MOVES = frozenset(
         aten.where.self,
     }
 )
-INT64_COMPARES = frozenset(
-    {
-        aten.eq.Scalar,
-        aten.eq.Tensor,
-        aten.ne.Scalar,
-        aten.lt.Scalar,
-        aten.lt.Tensor,
-        aten.le.Scalar,
-        aten.gt.Scalar,
-        aten.gt.Tensor,
-        aten.ge.Scalar,
-    }
-)
+INT64_COMPARES = frozenset(COMPARES)
 INT64_ADDS = frozenset({aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor})
 
 
