@@ -127,6 +127,13 @@ class Settings:
         "remaining regions keep the default choice",
         cli=Cli("--autotune-budget-s", "float", "SECONDS"),
     )
+    compare_with_pytorch: bool = _setting(
+        True,
+        help="time the delegated program against PyTorch alone on the example inputs and keep "
+        "the faster (torch.compile: every graph, forward and backward when training; lowering: "
+        "a program that leaves compute in PyTorch or runs several regions)",
+        cli=Cli("--compare-with-pytorch", "bool"),
+    )
     precision: str = _setting(
         FP32,
         help="what delegates may compute in: 'fp32' (exact, the default), 'bf16' or 'fp16' "
@@ -151,7 +158,7 @@ class Settings:
         set_(self, "compile_specs", _compile_specs(self.compile_specs))
         if self.num_threads is not None:
             _int(self.num_threads, "num_threads", minimum=1)
-        for name in ("strict", "progress", "autotune"):
+        for name in ("strict", "progress", "autotune", "compare_with_pytorch"):
             if name == "progress" and self.progress is None:
                 continue
             if not isinstance(getattr(self, name), bool):

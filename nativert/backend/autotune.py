@@ -24,6 +24,7 @@ decisions made then are not cached.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -153,13 +154,16 @@ def _supports_all(delegate: Delegate, nodes: Sequence[Node]) -> bool:
 
 
 # -- timing ---------------------------------------------------------------------------------
-def time_interleaved(cases: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
-    """Median ms per call of each case, over rounds run in shuffled order."""
+def time_interleaved(
+    cases: Mapping[str, Callable[[], Any]], *, no_grad: bool = True
+) -> dict[str, float]:
+    """Median ms per call of each case, over rounds run in shuffled order (under
+    torch.no_grad unless `no_grad` is False)."""
     if len(cases) == 1:
         return {name: 0.0 for name in cases}
     rng = random.Random(0)
     runs = {}
-    with torch.no_grad():
+    with torch.no_grad() if no_grad else contextlib.nullcontext():
         for name, fn in cases.items():
             fn()  # warm up: first-call allocations, lazy initialisation
             start = time.perf_counter()
@@ -379,12 +383,12 @@ def _region_nodes(program: ExportedProgram, tag: str) -> list[Node]:
     ]
 
 
-def _plain_copy(program: ExportedProgram) -> ExportedProgram:
+def plain_copy(program: ExportedProgram) -> ExportedProgram:
     return rebuild_program(program, copy_graph_module(program))
 
 
 def _untagged(program: ExportedProgram) -> ExportedProgram:
-    plan = _plain_copy(program)
+    plan = plain_copy(program)
     for node in plan.graph.nodes:
         node.meta.pop(TAG_KEY, None)
     return plan
@@ -439,7 +443,7 @@ def _mixed_plan(tuner, result: PartitionResult, flat, delegates, lower) -> Expor
     """Step 3: each region on its fastest runner."""
     settings, program = tuner.settings, result.tagged_program
     values = node_values(program, flat)
-    plan = _plain_copy(program)  # tags travel with the copied nodes
+    plan = plain_copy(program)  # tags travel with the copied nodes
     chosen: dict[str, RegionPlan] = {}
     for tag, (segment, arg_names) in region_segments(program, result.tags).items():
         default = result.tags[tag].backend_id
@@ -574,3 +578,57 @@ def _annotate(plan: ExportedProgram, decision: Decision, report=None) -> Exporte
         elif decision.choice == PYTORCH and node.op == "call_function":
             node.meta[REASON_KEY] = f"autotune, whole program: {decision.line()}"
     return plan
+
+
+# -- the default plan's check (Settings.compare_with_pytorch) -------------------------------
+def is_hybrid(plan: ExportedProgram) -> bool:
+    """Whether a lowered plan hands off between runtimes: compute left in PyTorch, or more
+    than one delegate region."""
+    from nativert.call_delegate import lowered_modules
+
+    return bool(_tensor_compute(plan)) or len(lowered_modules(plan)) > 1
+
+
+def faster_plan(times: Mapping[str, float]) -> str:
+    """The rule: the plan with the smallest median wins; on a tie the delegated one (MIXED)."""
+    return min(times, key=lambda name: (times[name], name != MIXED))
+
+
+def compare_with_pytorch(
+    lowered: ExportedProgram, tagged: ExportedProgram, example_inputs: Any, lower
+) -> tuple[ExportedProgram, Decision | None]:
+    """Without autotune: a hybrid plan (`is_hybrid`) against the program in PyTorch alone,
+    end to end on an Executor on the example inputs; the faster is kept (`faster_plan`) and
+    the decision recorded on its nodes. Hand-offs between runtimes cost (threads waking,
+    caches cold): a custom op between two small linears ran slower delegated than in
+    PyTorch. A plan that is not hybrid is returned as it is, with no decision."""
+    from nativert.backend.runtime import Executor
+    from nativert.call_delegate import call_delegate
+
+    if not is_hybrid(lowered):
+        return lowered, None
+    flat = example_user_inputs(tagged, example_inputs)
+    plans = {MIXED: lowered, PYTORCH: lower(_untagged(tagged), {})}
+    cases, outputs = {}, {}
+    for name, plan in plans.items():
+        executor = Executor(plan)
+        own = [t.clone() if isinstance(t, torch.Tensor) else t for t in flat]
+        with torch.no_grad():
+            outputs[name] = executor.run_flat(own)
+        cases[name] = functools.partial(executor.run_flat, flat)
+    mismatch = _close(outputs[MIXED], outputs[PYTORCH])
+    if mismatch is not None and _plan_precision(lowered) == FP32:
+        # The regions were checked as they compiled; say so rather than hide it.
+        logger.warning("nativert: the lowered program differs from PyTorch's: %s", mismatch)
+    times = time_interleaved(cases)
+    decision = Decision(
+        "program", faster_plan(times), tuple(Measurement(n, times[n]) for n in plans)
+    )
+    chosen = plans[decision.choice]
+    for node in chosen.graph.nodes:
+        if decision.choice == PYTORCH and node.op == "call_function":
+            node.meta[REASON_KEY] = f"compare_with_pytorch: {decision.line()}"
+        elif node.target is call_delegate:
+            node.meta.setdefault(NOTE_KEY, f"compare_with_pytorch: {decision.line()}")
+    logger.info("nativert: %s", decision.line())
+    return chosen, decision

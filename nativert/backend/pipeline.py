@@ -35,7 +35,13 @@ from torch.export import ExportedProgram
 
 from nativert._program import copy_graph_module, rebuild_program
 from nativert._quiet import quiet
-from nativert.backend.autotune import TuningReport, candidate_settings, tune_and_lower
+from nativert.backend.autotune import (
+    TuningReport,
+    candidate_settings,
+    compare_with_pytorch,
+    plain_copy,
+    tune_and_lower,
+)
 from nativert.backend.cache import payload_cache
 from nativert.backend.lowering import hybrid_specs, lower_tagged_program
 from nativert.backend.plan import RegionPlan, guarded_plan, in_fp32
@@ -118,6 +124,8 @@ def lower_program(
 
 def _lower_program(program, settings, partitioner, passes, after_lowering, on_fallback):
     start = time.perf_counter()
+    # A partitioner of the caller's is honoured as it is; the default's plan is checked.
+    default_partitioner = partitioner is None
     if partitioner is None:
         base = candidate_settings(settings) if settings.autotune else settings
         partitioner = CapabilityPartitioner.from_settings(base)
@@ -153,8 +161,16 @@ def _lower_program(program, settings, partitioner, passes, after_lowering, on_fa
             result, settings, cache=cache, example_inputs=example_inputs, lower=lower
         )
     else:
+        compare = default_partitioner and settings.compare_with_pytorch and bool(result.tags)
+        # Lowering rewrites the tagged program in place: the comparison needs it as it was.
+        tagged = plain_copy(result.tagged_program) if compare else None
         plan = guarded_plan(result, settings, example_inputs=example_inputs, cache=cache)
         lowered = _lower(result.tagged_program, plan, settings.show_progress, common)
+        if compare:
+            lower = functools.partial(lower_tagged_program, **common)
+            lowered, decision = compare_with_pytorch(lowered, tagged, example_inputs, lower)
+            if decision is not None:
+                tuning = TuningReport([decision])
     if after_lowering:
         lowered = run_passes(lowered, after_lowering).program
     return LoweringResult(

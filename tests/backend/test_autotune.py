@@ -1,8 +1,7 @@
 """Autotune: each region's runner chosen by measurement, decisions cached, numerics kept.
 
-Where a winner is asserted, the graph is built so that it wins by a wide margin whatever the
-machine's noise: a conv net at 1x3x64x64 (ONNX Runtime's fused, pre-packed convolutions beat
-PyTorch several times over).
+No winner is asserted: which runner is faster belongs to the machine and its load. The tests
+check the rule (the smallest measured median wins), the report and the numerics.
 """
 
 from __future__ import annotations
@@ -49,18 +48,23 @@ def test_the_fastest_measured_runner_wins_and_every_candidate_is_reported(tmp_pa
     assert_close(nativert.Executor(result.program)(x), model(x))
 
 
-def test_a_heavy_region_goes_to_the_faster_delegate_and_matches_eager(tmp_path):
+def test_a_heavy_region_goes_to_the_faster_runner_and_matches_eager(tmp_path):
+    """Which runner is faster is the machine's (ONNX Runtime won by 3x on one CPU and lost by
+    15% on another under load): the test checks that the measured faster one is chosen."""
     torch.manual_seed(0)
     model, x = ConvBnRelu().eval(), torch.randn(1, 3, 64, 64)
     result = _lower(model, (x,), tmp_path, delegates=["onnxruntime"])
     (decision,) = result.tuning.decisions
-    assert decision.choice == "onnxruntime", str(result.tuning)
     times = {m.runner: m.ms for m in decision.measurements}
-    assert times["onnxruntime"] < times[PYTORCH]
+    assert set(times) == {"onnxruntime", PYTORCH}
+    assert decision.choice == min(times, key=times.__getitem__), str(result.tuning)
     report = nativert.delegation_report(result.program)
-    assert report.delegated_nodes == report.total_nodes
-    (region,) = report.regions
-    assert "onnxruntime" in region.tuning and "pytorch" in region.tuning, region
+    if decision.choice == "onnxruntime":
+        assert report.delegated_nodes == report.total_nodes
+        (region,) = report.regions
+        assert "onnxruntime" in region.tuning and "pytorch" in region.tuning, region
+    else:
+        assert report.delegated_nodes == 0
     assert "autotune:" in str(report)
     with torch.no_grad():
         assert_close(nativert.Executor(result.program)(x), model(x), atol=1e-4, rtol=1e-4)

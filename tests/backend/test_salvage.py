@@ -48,7 +48,9 @@ def _pytorch_nodes(program):
 def test_failing_node_stays_in_pytorch_and_the_rest_is_delegated(tmp_path):
     model, x, program = _program()
     errors = []
-    settings = nativert.Settings(delegates=["onnxruntime"], cache_dir=str(tmp_path))
+    settings = nativert.Settings(
+        delegates=["onnxruntime"], cache_dir=str(tmp_path), compare_with_pytorch=False
+    )
     result = lower_program(program, settings, on_fallback=errors.append)
     lowered = result.program
 
@@ -70,7 +72,9 @@ def test_failing_node_stays_in_pytorch_and_the_rest_is_delegated(tmp_path):
 
 def test_refused_payload_is_not_cached(tmp_path):
     model, x, program = _program()
-    settings = nativert.Settings(delegates=["onnxruntime"], cache_dir=str(tmp_path))
+    settings = nativert.Settings(
+        delegates=["onnxruntime"], cache_dir=str(tmp_path), compare_with_pytorch=False
+    )
     lower_program(program, settings, on_fallback=lambda e: None)
     cache = payload_cache(str(tmp_path))
     payloads = [cache.get(path.stem) for path in tmp_path.rglob("*.payload")]
@@ -89,7 +93,9 @@ def test_refused_payload_is_not_cached(tmp_path):
 
 def test_failing_node_goes_to_the_next_delegate():
     model, x, program = _program()
-    settings = nativert.Settings(delegates=["onnxruntime", "openvino"], cache_dir=None)
+    settings = nativert.Settings(
+        delegates=["onnxruntime", "openvino"], cache_dir=None, compare_with_pytorch=False
+    )
     lowered = lower_program(program, settings, on_fallback=lambda e: None).program
     report = nativert.delegation_report(lowered)
     runners = {op: set(by) for op, by in report.ops.items()}
@@ -104,7 +110,9 @@ def test_a_delegate_that_does_not_support_the_failing_node_is_skipped(registered
     node must reach the delegate after it, not stop at the one that cannot take it."""
     registered(muls())
     model, x, program = _program()
-    settings = nativert.Settings(delegates=["onnxruntime", "muls", "eager"], cache_dir=None)
+    settings = nativert.Settings(
+        delegates=["onnxruntime", "muls", "eager"], cache_dir=None, compare_with_pytorch=False
+    )
     lowered = lower_program(program, settings, on_fallback=lambda e: None).program
     report = nativert.delegation_report(lowered)
     runners = {op: set(by) for op, by in report.ops.items()}
@@ -131,7 +139,9 @@ def test_t5_attention_is_delegated_whole_and_differentiable():
     model = transformers.T5EncoderModel(config).eval()
     ids = torch.randint(0, 1000, (2, 32))
     errors = []
-    settings = nativert.Settings(delegates=["onnxruntime"], cache_dir=None)
+    settings = nativert.Settings(
+        delegates=["onnxruntime"], cache_dir=None, compare_with_pytorch=False
+    )
     program = torch.export.export(model, (ids,))
     lowered = lower_program(program, settings, on_fallback=errors.append).program
     assert errors == []

@@ -171,7 +171,7 @@ def test_min_block_size_sends_small_regions_back():
 def test_delegated_program_can_be_lowered_again():
     model, inputs = make("split_by_sin")
     once = lower(model, inputs, nativert.CapabilityPartitioner(exclude_ops=["aten::sin"]))
-    twice = nativert.to_backend(once)
+    twice = nativert.to_backend(once, compare_with_pytorch=False)
     twice.validate()
     # The existing delegates are kept; the sin left in PyTorch is delegated now.
     assert delegate_count(twice) == 3

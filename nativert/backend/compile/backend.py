@@ -25,6 +25,7 @@ each compile did (regions, fallbacks, cache hits, time) is in `last_compile_repo
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import operator
@@ -43,7 +44,17 @@ from nativert.backend.compile.aot import (
     unmutated_weights,
     wrappers_pass_through,
 )
+from nativert.backend.compile.choose import (
+    INDUCTOR,
+    NATIVERT,
+    PYTORCH,
+    checker,
+    choose,
+    draws_random_numbers,
+    is_fake,
+)
 from nativert.backend.compile.report import CompileReport, GraphCompile, new_report
+from nativert.backend.lowering import embedded_settings
 from nativert.errors import DelegateCompileError, NativertError
 from nativert.partitioner.capability import CapabilityPartitioner
 from nativert.settings import Settings
@@ -65,20 +76,90 @@ def nativert_backend(
             f"torch.compile(backend='nativert') got unexpected arguments {sorted(kwargs)}; "
             "pass settings as options={...}"
         )
+    settings = Settings.from_options(options)
+    report = new_report(settings)
+    training = needs_grad(example_inputs)
+    delegated = _delegated(gm, example_inputs, settings, report, training)
+    if not settings.compare_with_pytorch or is_fake(example_inputs):
+        return delegated
+    candidates = {PYTORCH: gm.forward, NATIVERT: delegated}
+    if training and settings.autotune:
+        candidates[INDUCTOR] = _inductor(gm, example_inputs)
+    random = draws_random_numbers(gm)  # its runs differ by design: not compared
+    check = None if random else checker(settings.precision, settings.accuracy)
+    return _Measured(candidates, report, training, check)
+
+
+class _Measured:
+    """Runs the candidate measured fastest on the first call's arguments (choose.py).
+
+    The measurement waits for the first call, not the compile: a training run compiles the
+    backward graph, which must happen outside Dynamo's compile (as it does normally, at the
+    first backward)."""
+
+    def __init__(self, candidates: dict, report: CompileReport, training: bool, check: Any):
+        self.candidates, self.report = candidates, report
+        self.training, self.check = training, check
+        self.lock = threading.Lock()
+        self.fn: Callable[..., Any] = self._first
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def _first(self, *args: Any) -> Any:
+        with self.lock:
+            if self.fn == self._first:  # not chosen meanwhile by another thread
+                choice = choose(self.candidates, args, training=self.training, check=self.check)
+                self.report.choice = choice
+                graph_id = self.report.graph_id
+                logger.info("nativert torch.compile graph %d %s", graph_id, choice.line())
+                self.fn = self.candidates[choice.choice]
+                self.candidates = {}  # the others' payloads and weights go
+        return self.fn(*args)
+
+
+def _inductor(gm: GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+    """Inductor's compile of the graph (autotune's third candidate when training); a compile
+    that fails raises when called, so the candidate is reported as failed."""
+    from torch._inductor.compile_fx import compile_fx
+
+    try:
+        return compile_fx(copy.deepcopy(gm), list(example_inputs))
+    except Exception as exc:  # reported by choose() as this candidate's failure
+        error = exc
+
+        def failed(*args: Any) -> Any:
+            raise error
+
+        return failed
+
+
+def _delegated(
+    gm: GraphModule,
+    example_inputs: Sequence[Any],
+    settings: Settings,
+    report: CompileReport,
+    training: bool,
+) -> Callable[..., Any]:
+    """The graph through aot_autograd, each of its graphs lowered by the pipeline."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
     from nativert.passes import decomposition_table, keeping_composite_ops_whole
 
-    settings = Settings.from_options(options)
+    # Training graphs always run between PyTorch code (loss, autograd engine, optimizer):
+    # delegates get the specs they need to share the cores.
+    embedded = embedded_settings(settings)
+    per_kind = {"inference": settings, "fw": embedded, "bw": embedded}
     # Autotune partitions with every available delegate as a candidate (autotune.py).
-    partitioner = CapabilityPartitioner.from_settings(
-        candidate_settings(settings) if settings.autotune else settings
-    )
-    report = new_report(settings)
+    partitioners = {
+        kind: CapabilityPartitioner.from_settings(
+            candidate_settings(kind_settings) if settings.autotune else kind_settings
+        )
+        for kind, kind_settings in per_kind.items()
+    }
     weights = module_weights(gm, example_inputs)
-    preserve = frozenset(partitioner.ops_to_preserve())
-    training = needs_grad(example_inputs)
+    preserve = frozenset(partitioners["inference"].ops_to_preserve())
     direct: dict[str, Callable[..., Any]] = {}
     with contextlib.ExitStack() as tracing:
         if not training:
@@ -89,8 +170,8 @@ def nativert_backend(
             f"{kind}_compiler": functools.partial(
                 _compile_aten,
                 kind=kind,
-                settings=settings,
-                partitioner=partitioner,
+                settings=per_kind[kind],
+                partitioner=partitioners[kind],
                 report=report,
                 weights=weights if kind == "inference" else {},
                 traced=tracing.close,
@@ -148,7 +229,9 @@ def _compile_aten(
             _warned.add(message)
             logger.warning("%s", message)
 
-    # aot_autograd calls us under its fake mode; delegates get real weights.
+    # aot_autograd calls us under its fake mode; delegates get real weights. Given a
+    # partitioner, the pipeline does not compare with PyTorch itself: the backend compares
+    # the whole graph, on real inputs (choose.py).
     with unset_fake_temporarily():
         result = lower_program(
             program,

@@ -28,11 +28,19 @@ class CompileReport:
     """What the backend did with one Dynamo graph: its aot graphs, fallbacks and cache use.
 
     The backward graph is compiled when the first backward runs, so it appears then.
+    `choice`: which candidate runs the graph, and the times that decided it.
     """
 
     graph_id: int
     settings: Settings
     graphs: list[GraphCompile] = dataclasses.field(default_factory=list)
+    # What runs the graph, measured against PyTorch (choose.py); None when not compared.
+    choice: Any = None
+
+    @property
+    def runs_on(self) -> str:
+        """ "nativert" (the delegated graphs), "pytorch" or "inductor"."""
+        return "nativert" if self.choice is None else self.choice.choice
 
     @property
     def fallbacks(self) -> list[str]:
@@ -55,6 +63,8 @@ class CompileReport:
             f"nativert torch.compile graph {self.graph_id}: {len(self.graphs)} aot graph(s), "
             f"{self.seconds:.2f} s, cache {self.cache_hits} hit(s) / {self.cache_misses} miss(es)"
         ]
+        if self.choice is not None:
+            lines.append(f"-- {self.choice.line()}")
         for graph in self.graphs:
             lines.append(f"-- {graph.kind} ({graph.seconds:.2f} s)")
             lines.append(str(graph.report))

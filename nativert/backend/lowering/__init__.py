@@ -22,7 +22,7 @@ from nativert._program import rebuild_program, remember_input_names
 from nativert._program.meta import NOTE_KEY
 from nativert.backend.cache import PayloadCache
 from nativert.backend.lowering.compile import compile_segment
-from nativert.backend.lowering.hybrid import hybrid_specs, with_hybrid_specs
+from nativert.backend.lowering.hybrid import embedded_settings, hybrid_specs, with_hybrid_specs
 from nativert.backend.lowering.salvage import Salvage
 from nativert.backend.lowering.segments import (
     FusedRegion,
@@ -44,6 +44,7 @@ logger = logging.getLogger("nativert")
 __all__ = [
     "FusedRegion",
     "check_tags",
+    "embedded_settings",
     "compile_segment",
     "fuse_copy",
     "fuse_region",

@@ -52,7 +52,7 @@ def test_default_partitioner_prefers_onnxruntime():
 
 def test_custom_op_splits_two_ort_regions_around_pytorch():
     model, inputs = make("custom_op")
-    program = nativert.to_backend(torch.export.export(model, inputs))
+    program = nativert.to_backend(torch.export.export(model, inputs), compare_with_pytorch=False)
     program.validate()
     assert [m.backend_id for m in nativert.lowered_modules(program)] == ["onnxruntime"] * 2
     assert kept_in_pytorch(program) == {"nativert_test.shift.default": 1}

@@ -48,7 +48,8 @@ def test_loaded_program_can_be_saved_and_lowered_again(saved, tmp_path):
     loaded = nativert.load(path)
     nativert.save(loaded, tmp_path / "again.pt2")
     again = nativert.load(tmp_path / "again.pt2")
-    relowered = nativert.to_backend(again)  # sin now goes to onnxruntime too
+    # sin now goes to onnxruntime too
+    relowered = nativert.to_backend(again, compare_with_pytorch=False)
     assert len(nativert.delegate_nodes(relowered)) == 3
     with torch.no_grad():
         assert_close(relowered.module()(*inputs), model(*inputs))
