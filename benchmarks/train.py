@@ -13,7 +13,8 @@ steps are compared with eager's (same seed, same data).
   bert     the suite's BERT-style encoder (4 layers, 256 hidden), batch 16 x 64 tokens,
            AdamW, loss = mean of the last hidden state squared
 
-Writes benchmarks/results/train.{json,md}.
+Writes benchmarks/results/<--name>.{json,md} (default train). "nativert ran on": what each
+Dynamo graph ran on in each run (compare_with_pytorch: nativert, pytorch or inductor).
 """
 
 from __future__ import annotations
@@ -103,7 +104,13 @@ def child(model_name: str, backend: str, steps: int, options: dict) -> dict:
         if step == 0:
             compile_s = elapsed
         times.append(elapsed * 1e3)
+    runs_on = None
+    if backend == "nativert":
+        import nativert
+
+        runs_on = [r.runs_on for r in nativert.compile_reports()]
     return {
+        "runs_on": runs_on,
         "step_ms": statistics.median(times[10:]),
         "first_step_s": round(compile_s, 2),
         "loss": float(loss),
@@ -129,6 +136,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--options", default="{}", help="torch.compile options for nativert")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--name", default="train", help="results file name (without suffix)")
     args = parser.parse_args()
     options = json.loads(args.options)
     names = args.models.split(",")
@@ -143,21 +151,22 @@ def main() -> None:
     for name in names:
         step = {b: statistics.median(r["step_ms"] for r in results[name][b]) for b in BACKENDS}
         loss = {b: results[name][b][0]["loss"] for b in BACKENDS}
-        rows.append({"model": name, "step_ms": step, "loss": loss})
+        runs_on = sorted({str(r.get("runs_on")) for r in results[name]["nativert"]})
+        rows.append({"model": name, "step_ms": step, "loss": loss, "runs_on": ", ".join(runs_on)})
     lines = [
         f"Training steps ({args.steps} steps, median of steps 10..N, fresh process each, "
         f"median over {args.repeats} runs; nativert options {json.dumps(options)})",
         "",
         "| model | eager ms | inductor ms | nativert ms | nativert / eager | nativert / inductor "
-        "| loss eager | loss nativert |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| loss eager | loss nativert | nativert ran on |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         s, loss = row["step_ms"], row["loss"]
         lines.append(
             f"| {row['model']} | {s['eager']:.2f} | {s['inductor']:.2f} | {s['nativert']:.2f} | "
             f"{s['nativert'] / s['eager']:.2f}x | {s['nativert'] / s['inductor']:.2f}x | "
-            f"{loss['eager']:.5f} | {loss['nativert']:.5f} |"
+            f"{loss['eager']:.5f} | {loss['nativert']:.5f} | {row['runs_on']} |"
         )
     if args.no_write:
         print("\n".join(lines))
@@ -165,7 +174,7 @@ def main() -> None:
         sys.path.insert(0, str(HERE))
         from _harness import machine, write
 
-        write("train", {"machine": machine(), "options": options, "runs": results}, lines)
+        write(args.name, {"machine": machine(), "options": options, "runs": results}, lines)
 
 
 if __name__ == "__main__":
