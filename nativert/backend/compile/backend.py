@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from nativert.backend.autotune import candidate_settings
+from nativert.backend.autotune import Decision, DecisionCache, candidate_settings
 from nativert.backend.compile.aot import (
     module_weights,
     needs_grad,
@@ -48,8 +48,11 @@ from nativert.backend.compile.choose import (
     INDUCTOR,
     NATIVERT,
     PYTORCH,
+    GraphChoice,
+    candidate_names,
     checker,
     choose,
+    decision_key,
     draws_random_numbers,
     is_fake,
 )
@@ -79,15 +82,31 @@ def nativert_backend(
     settings = Settings.from_options(options)
     report = new_report(settings)
     training = needs_grad(example_inputs)
-    delegated = _delegated(gm, example_inputs, settings, report, training)
     if not settings.compare_with_pytorch or is_fake(example_inputs):
-        return delegated
-    candidates = {PYTORCH: gm.forward, NATIVERT: delegated}
-    if training and settings.autotune:
-        candidates[INDUCTOR] = _inductor(gm, example_inputs)
+        return _delegated(gm, example_inputs, settings, report, training)
+    names = candidate_names(training, settings.autotune)
+    # Under autotune, choices are cached like autotune's own: a later process compiles only
+    # the winner.
+    cache = DecisionCache(settings.cache_dir) if settings.autotune else None
+    key = decision_key(gm, example_inputs, names, settings) if cache is not None else None
+    known = cache.get(key, names) if cache is not None else None
+    builders = {
+        PYTORCH: lambda: gm.forward,
+        NATIVERT: lambda: _delegated(gm, example_inputs, settings, report, training),
+        INDUCTOR: lambda: _inductor(gm, example_inputs),
+    }
+    if known is not None:
+        report.choice = GraphChoice(known.choice, known.measurements, training, cached=True)
+        return builders[known.choice]()
+    candidates = {name: builders[name]() for name in names}
     random = draws_random_numbers(gm)  # its runs differ by design: not compared
     check = None if random else checker(settings.precision, settings.accuracy)
-    return _Measured(candidates, report, training, check)
+    remember = None if cache is None else functools.partial(_remember, cache, key)
+    return _Measured(candidates, report, training, check, remember)
+
+
+def _remember(cache: DecisionCache, key: str, choice: GraphChoice) -> None:
+    cache.put(key, Decision("graph", choice.choice, choice.measurements))
 
 
 class _Measured:
@@ -97,9 +116,16 @@ class _Measured:
     backward graph, which must happen outside Dynamo's compile (as it does normally, at the
     first backward)."""
 
-    def __init__(self, candidates: dict, report: CompileReport, training: bool, check: Any):
+    def __init__(
+        self,
+        candidates: dict,
+        report: CompileReport,
+        training: bool,
+        check: Any,
+        remember: Callable[[GraphChoice], None] | None = None,
+    ):
         self.candidates, self.report = candidates, report
-        self.training, self.check = training, check
+        self.training, self.check, self.remember = training, check, remember
         self.lock = threading.Lock()
         self.fn: Callable[..., Any] = self._first
 
@@ -111,6 +137,10 @@ class _Measured:
             if self.fn == self._first:  # not chosen meanwhile by another thread
                 choice = choose(self.candidates, args, training=self.training, check=self.check)
                 self.report.choice = choice
+                # A choice made with a candidate failing is not kept: it may be passing.
+                complete = all(m.ms is not None for m in choice.measurements)
+                if self.remember is not None and complete:
+                    self.remember(choice)
                 graph_id = self.report.graph_id
                 logger.info("nativert torch.compile graph %d %s", graph_id, choice.line())
                 self.fn = self.candidates[choice.choice]

@@ -43,11 +43,52 @@ class GraphChoice:
     choice: str
     measurements: tuple[Measurement, ...]
     training: bool
+    cached: bool = False
 
     def line(self) -> str:
         found = ", ".join(m.text() for m in self.measurements)
         what = "forward+backward" if self.training else "inference"
-        return f"runs on {self.choice} ({what}: {found})"
+        cached = ", cached decision" if self.cached else ""
+        return f"runs on {self.choice} ({what}: {found}{cached})"
+
+
+def candidate_names(training: bool, autotune: bool) -> list[str]:
+    """PyTorch (the reference), nativert's delegates and, for training under autotune,
+    inductor."""
+    return [PYTORCH, NATIVERT, *([INDUCTOR] if training and autotune else [])]
+
+
+def decision_key(gm: torch.fx.GraphModule, inputs: Sequence[Any], names, settings) -> str:
+    """What a cached choice depends on: the graph, its inputs (shapes, dtypes, which need
+    grad), the candidates and the delegates' versions, the settings that shape the delegated
+    graph, the machine and torch's threads."""
+    import hashlib
+    import json
+
+    from nativert.backend.autotune import _version, candidate_settings, machine
+
+    def text(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return f"{value.dtype}{list(value.shape)}@{value.device.type}:{value.requires_grad}"
+        return repr(value)
+
+    shaping = {
+        f.name: repr(getattr(settings, f.name))
+        for f in dataclasses.fields(settings)
+        if f.name not in ("cache_dir", "progress", "autotune_budget_s", "strict")
+    }
+    parts = {
+        "kind": "torch.compile graph",
+        "code": gm.code,
+        "inputs": [text(v) for v in inputs],
+        "candidates": names,
+        "delegates": {b: _version(b) for b in candidate_settings(settings).delegates or ()},
+        "settings": shaping,
+        "machine": machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def is_fake(example_inputs: Sequence[Any]) -> bool:

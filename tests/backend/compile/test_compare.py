@@ -195,3 +195,26 @@ def test_autotune_measures_inductor_for_training_graphs(monkeypatch):
     assert report.runs_on == "inductor", str(report)
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, what="grad")
+
+
+def test_under_autotune_a_graph_choice_is_cached_and_only_the_winner_compiled(
+    monkeypatch, tmp_path
+):
+    asked = fixed_times(monkeypatch, choose_module, {"pytorch": 1.0, "nativert": 2.0})
+    model, (x,) = make("mlp")
+    options = {"autotune": True, "delegates": ["onnxruntime"], "cache_dir": str(tmp_path)}
+    with torch.no_grad():
+        assert_close(torch.compile(model, backend="nativert", options=options)(x), model(x))
+        first = last_compile_report()
+        torch._dynamo.reset()
+        assert_close(torch.compile(model, backend="nativert", options=options)(x), model(x))
+    second = last_compile_report()
+    assert first.runs_on == second.runs_on == "pytorch"
+    assert len(asked) == 1  # the second compile measured nothing
+    assert second.choice.cached and "cached decision" in str(second)
+    assert first.graphs and not second.graphs  # the loser was not compiled again
+    torch._dynamo.reset()
+    other = {**options, "delegates": ["onnxruntime", "openvino"]}
+    with torch.no_grad():
+        torch.compile(model, backend="nativert", options=other)(x)
+    assert len(asked) == 2  # other settings, another decision
