@@ -15,6 +15,9 @@ and what Dynamo alone costs; then compile time with an empty vs a warm payload c
                         about this)
      baseline           (--baseline FILE: a Python file whose `nativert_backend` is another
                         version of the backend, e.g. an older commit's, for before/after)
+     nativert_compile_autotune, nativert_autotune
+                        (--autotune) torch.compile and the Executor with autotune=True; their
+                        ratio says whether torch.compile gets what the Executor's autotune gets
    Per model: medians, and medians over rounds of compile/executor and compile/inductor.
    "lstm (allow_rnn)" traces the LSTM (Dynamo skips RNN modules by default, so compiled
    runs it in eager).
@@ -70,7 +73,7 @@ def dynamo_config(name: str):
     return torch._dynamo.config.patch(allow_rnn=True) if name == RNN else contextlib.nullcontext()
 
 
-def build_cases(name: str, baseline) -> tuple[dict, dict, dict]:
+def build_cases(name: str, baseline, autotune: bool = False) -> tuple[dict, dict, dict]:
     model, inputs = make("lstm" if name == RNN else name)
     with torch.no_grad():
         expected = model(*inputs)
@@ -83,6 +86,10 @@ def build_cases(name: str, baseline) -> tuple[dict, dict, dict]:
     }
     if baseline is not None:
         compiled["baseline"] = lambda: torch.compile(model, backend=baseline)
+    if autotune:
+        compiled["nativert_compile_autotune"] = lambda: torch.compile(
+            model, backend="nativert", options={"cache_dir": None, "autotune": True}
+        )
     cases = {"eager": lambda: model(*inputs)}
     seconds, errors = {}, {}
     for case, make_fn in compiled.items():
@@ -102,6 +109,17 @@ def build_cases(name: str, baseline) -> tuple[dict, dict, dict]:
         errors["nativert_executor"] = float((executor(*inputs) - expected).abs().max())
     seconds["nativert_executor"] = round(time.perf_counter() - start, 2)
     cases["nativert_executor"] = lambda: executor(*inputs)
+    if autotune:
+        start = time.perf_counter()
+        with torch.no_grad():
+            tuned = nativert.Executor(
+                nativert.to_backend(
+                    torch.export.export(model, inputs), cache_dir=None, autotune=True
+                )
+            )
+            errors["nativert_autotune"] = float((tuned(*inputs) - expected).abs().max())
+        seconds["nativert_autotune"] = round(time.perf_counter() - start, 2)
+        cases["nativert_autotune"] = lambda: tuned(*inputs)
     errors.pop("dynamo_floor")
     return cases, seconds, errors
 
@@ -134,7 +152,7 @@ def latency(args) -> dict:
     results = {}
     for name in args.models:
         with dynamo_config(name):
-            cases, seconds, errors = build_cases(name, baseline)
+            cases, seconds, errors = build_cases(name, baseline, args.autotune)
             samples = rounds(cases, runs=args.runs, rounds=args.rounds)
         medians = {k: round(statistics.median(v), 1) for k, v in samples.items()}
         results[name] = {
@@ -145,6 +163,9 @@ def latency(args) -> dict:
             "compile_over_inductor": _ratio(samples, "nativert_compile", "inductor"),
             "executor_over_inductor": _ratio(samples, "nativert_executor", "inductor"),
             "baseline_over_executor": _ratio(samples, "baseline", "nativert_executor"),
+            "compile_autotune_over_autotune": _ratio(
+                samples, "nativert_compile_autotune", "nativert_autotune"
+            ),
             "compile_s": seconds,
             "max_abs_error": errors,
         }
@@ -215,6 +236,8 @@ def _latency_lines(lat: dict, with_baseline: bool) -> list[str]:
     ratios = ["compile_over_executor", "compile_over_inductor", "executor_over_inductor"]
     if with_baseline:
         ratios.append("baseline_over_executor")
+    if any(r.get("compile_autotune_over_autotune") for r in lat.values()):
+        ratios.append("compile_autotune_over_autotune")
     lines = [
         "| model | " + " | ".join(cases) + " | " + " | ".join(ratios) + " |",
         "|---|" + "---|" * (len(cases) + len(ratios)),
@@ -269,6 +292,12 @@ def main() -> None:
     parser.add_argument("--baseline", default=None, help="a file defining nativert_backend")
     parser.add_argument("--baseline-label", default=None, help="what that file is")
     parser.add_argument("--no-cache-times", action="store_true")
+    parser.add_argument(
+        "--autotune",
+        action="store_true",
+        help="add torch.compile and the Executor with autotune=True (slow: AOTI compiles)",
+    )
+    parser.add_argument("--name", default="compile_backend", help="results file name")
     args = parser.parse_args()
     args.models = args.models.split(",")
     lat = latency(args)
@@ -280,6 +309,8 @@ def main() -> None:
         command += f" --baseline {args.baseline}"
     if args.no_cache_times:
         command += " --no-cache-times"
+    if args.autotune:
+        command += f" --autotune --name {args.name}"
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "command": command,
@@ -293,7 +324,7 @@ def main() -> None:
         "latency": lat,
         "compile_cache": cache,
     }
-    write("compile_backend", result, render(result))
+    write(args.name, result, render(result))
 
 
 if __name__ == "__main__":
