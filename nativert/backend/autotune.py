@@ -46,7 +46,7 @@ from torch.fx import Node
 from nativert._program import copy_graph_module, rebuild_program
 from nativert._program.accuracy import Accuracy, measure_accuracy
 from nativert._program.meta import NOTE_KEY, REASON_KEY, TAG_KEY
-from nativert._program.ops import produces_tensors
+from nativert._program.ops import is_compute, produces_tensors
 from nativert.backend.cache import PayloadCache, cache_root, segment_key
 from nativert.backend.examples import example_user_inputs, node_values, region_args
 from nativert.backend.lowering import compile_segment, hybrid_specs, region_segments
@@ -582,11 +582,12 @@ def _annotate(plan: ExportedProgram, decision: Decision, report=None) -> Exporte
 
 # -- the default plan's check (Settings.compare_with_pytorch) -------------------------------
 def is_hybrid(plan: ExportedProgram) -> bool:
-    """Whether a lowered plan hands off between runtimes: compute left in PyTorch, or more
-    than one delegate region."""
+    """Whether a lowered plan hands off between runtimes: compute (not views) left in
+    PyTorch, or more than one delegate region."""
     from nativert.call_delegate import lowered_modules
 
-    return bool(_tensor_compute(plan)) or len(lowered_modules(plan)) > 1
+    kept = any(is_compute(n) for n in _tensor_compute(plan))
+    return kept or len(lowered_modules(plan)) > 1
 
 
 def faster_plan(times: Mapping[str, float]) -> str:
@@ -601,21 +602,34 @@ def compare_with_pytorch(
     end to end on an Executor on the example inputs; the faster is kept (`faster_plan`) and
     the decision recorded on its nodes. Hand-offs between runtimes cost (threads waking,
     caches cold): a custom op between two small linears ran slower delegated than in
-    PyTorch. A plan that is not hybrid is returned as it is, with no decision."""
+    PyTorch. A plan that is not hybrid, or that cannot be timed, is returned as it is, with
+    no decision."""
+    if not is_hybrid(lowered):
+        return lowered, None
+    try:
+        chosen, decision = _compare(lowered, tagged, example_inputs, lower)
+    except Exception as exc:  # the plan compiled and was checked region by region: keep it
+        logger.info("nativert: the plan was not timed against PyTorch: %s", _first_line(exc))
+        return lowered, None
+    logger.info("nativert: %s", decision.line())
+    return chosen, decision
+
+
+def _compare(lowered, tagged, example_inputs, lower) -> tuple[ExportedProgram, Decision]:
     from nativert.backend.runtime import Executor
     from nativert.call_delegate import call_delegate
 
-    if not is_hybrid(lowered):
-        return lowered, None
     flat = example_user_inputs(tagged, example_inputs)
     plans = {MIXED: lowered, PYTORCH: lower(_untagged(tagged), {})}
     cases, outputs = {}, {}
     for name, plan in plans.items():
         executor = Executor(plan)
+        # Its own inputs: a plan that mutates an input changes neither the caller's nor the
+        # other plan's.
         own = [t.clone() if isinstance(t, torch.Tensor) else t for t in flat]
         with torch.no_grad():
             outputs[name] = executor.run_flat(own)
-        cases[name] = functools.partial(executor.run_flat, flat)
+        cases[name] = functools.partial(executor.run_flat, own)
     mismatch = _close(outputs[MIXED], outputs[PYTORCH])
     if mismatch is not None and _plan_precision(lowered) == FP32:
         # The regions were checked as they compiled; say so rather than hide it.
@@ -625,10 +639,10 @@ def compare_with_pytorch(
         "program", faster_plan(times), tuple(Measurement(n, times[n]) for n in plans)
     )
     chosen = plans[decision.choice]
+    note = f"compare_with_pytorch: {decision.line()}"
     for node in chosen.graph.nodes:
-        if decision.choice == PYTORCH and node.op == "call_function":
-            node.meta[REASON_KEY] = f"compare_with_pytorch: {decision.line()}"
-        elif node.target is call_delegate:
-            node.meta.setdefault(NOTE_KEY, f"compare_with_pytorch: {decision.line()}")
-    logger.info("nativert: %s", decision.line())
+        if node.target is call_delegate:
+            node.meta.setdefault(NOTE_KEY, note)
+        elif decision.choice == PYTORCH and node.op == "call_function":
+            node.meta.setdefault(REASON_KEY, note)  # a reason it had already stays
     return chosen, decision

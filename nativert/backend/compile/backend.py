@@ -96,9 +96,16 @@ def nativert_backend(
         INDUCTOR: lambda: _inductor(gm, example_inputs),
     }
     if known is not None:
-        report.choice = GraphChoice(known.choice, known.measurements, training, cached=True)
-        return builders[known.choice]()
-    candidates = {name: builders[name]() for name in names}
+        try:
+            chosen = builders[known.choice]()
+        except Exception as exc:  # e.g. inductor cannot compile here now: measure again
+            logger.warning("nativert: the cached choice %s failed (%s)", known.choice, exc)
+        else:
+            report.choice = GraphChoice(known.choice, known.measurements, training, cached=True)
+            return chosen
+    candidates = {name: builders[name]() for name in names if name != INDUCTOR}
+    if INDUCTOR in names:  # a compile that fails is reported as that candidate's failure
+        candidates[INDUCTOR] = _or_failure(builders[INDUCTOR])
     random = draws_random_numbers(gm)  # its runs differ by design: not compared
     check = None if random else checker(settings.precision, settings.accuracy)
     remember = None if cache is None else functools.partial(_remember, cache, key)
@@ -149,13 +156,18 @@ class _Measured:
 
 
 def _inductor(gm: GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-    """Inductor's compile of the graph (autotune's third candidate when training); a compile
-    that fails raises when called, so the candidate is reported as failed."""
+    """Inductor's compile of the graph (autotune's third candidate when training)."""
     from torch._inductor.compile_fx import compile_fx
 
+    return compile_fx(copy.deepcopy(gm), list(example_inputs))
+
+
+def _or_failure(build: Callable[[], Callable[..., Any]]) -> Callable[..., Any]:
+    """`build()`, or, when building fails, a callable that raises its error: choose() then
+    reports that candidate as failed."""
     try:
-        return compile_fx(copy.deepcopy(gm), list(example_inputs))
-    except Exception as exc:  # reported by choose() as this candidate's failure
+        return build()
+    except Exception as exc:
         error = exc
 
         def failed(*args: Any) -> Any:

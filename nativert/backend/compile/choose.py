@@ -32,7 +32,6 @@ logger = logging.getLogger("nativert")
 NATIVERT = "nativert"
 PYTORCH = "pytorch"
 INDUCTOR = "inductor"
-_RANDOM = ("dropout", "rand", "bernoulli", "normal", "multinomial", "poisson", "exponential")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,15 +96,40 @@ def is_fake(example_inputs: Sequence[Any]) -> bool:
     return any(isinstance(x, FakeTensor) for x in example_inputs)
 
 
+# Ops whose runs differ by design, by name: torch functions, Tensor methods and aten ops.
+_RANDOM_OPS = frozenset(
+    {
+        "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "native_dropout",
+        "feature_alpha_dropout", "feature_dropout", "rrelu", "rrelu_", "rrelu_with_noise",
+        "bernoulli", "bernoulli_", "rand", "rand_like", "randn", "randn_like", "randint",
+        "randint_like", "randperm", "normal", "normal_", "uniform_", "exponential_",
+        "cauchy_", "geometric_", "log_normal_", "random_", "multinomial", "poisson",
+    }
+)  # fmt: skip
+_RANDOM_MODULES = frozenset(
+    {"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout"}
+    | {"RReLU"}
+)
+
+
 def draws_random_numbers(gm: torch.fx.GraphModule) -> bool:
-    """Whether the graph calls something random (its runs differ by design)."""
+    """Whether the graph calls something random (its runs differ by design): a random op or
+    module, or attention with dropout."""
     for node in gm.graph.nodes:
-        if node.op in ("call_function", "call_method", "call_module"):
-            name = str(getattr(node.target, "__name__", node.target)).lower()
-            if node.op == "call_module":
-                name = type(gm.get_submodule(node.target)).__name__.lower()
-            if any(word in name for word in _RANDOM):
+        if node.op == "call_module":
+            if type(gm.get_submodule(node.target)).__name__ in _RANDOM_MODULES:
                 return True
+        elif node.op in ("call_function", "call_method"):
+            target = node.target
+            name = target if isinstance(target, str) else getattr(target, "__name__", "")
+            if isinstance(target, torch._ops.OpOverload):
+                name = target._schema.name.split("::")[-1]
+            if name in _RANDOM_OPS:
+                return True
+            if name == "scaled_dot_product_attention":
+                p = node.kwargs.get("dropout_p", node.args[3] if len(node.args) > 3 else 0.0)
+                if not isinstance(p, (int, float)) or p > 0:
+                    return True
     return False
 
 
@@ -121,27 +145,35 @@ def choose(
     that answers as PyTorch does wins, PyTorch on a tie. `check(got, expected)` raises when a
     candidate's outputs are wrong (None: not compared)."""
     timer = timer or (lambda cases: time_interleaved(cases, no_grad=not training))
-    with _restored(example_inputs):
+    with _restored(example_inputs) as restore:
         runs = {name: _run(fn, example_inputs, training) for name, fn in candidates.items()}
         failures: dict[str, str] = {}
         expected = None
-        state = torch.get_rng_state()
         for name, run in runs.items():
-            torch.set_rng_state(state)
+            restore()  # each candidate starts from the state the call came with
             try:
                 got = run()
             except Exception as exc:
                 if name == PYTORCH:
-                    raise
-                failures[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                    # Nothing to compare or time against (e.g. an op with no derivative in
+                    # a graph that only looked like training): the delegated graph stays.
+                    logger.info("nativert: not timed against PyTorch: %s", _first_line(exc))
+                    return GraphChoice(
+                        NATIVERT, (Measurement(PYTORCH, None, _first_line(exc)),), training
+                    )
+                failures[name] = _first_line(exc)
                 continue
             if expected is None:
                 expected = got
             elif check is not None:
                 try:
                     check(got, expected)
-                except DelegateCompileError as exc:
-                    failures[name] = str(exc)
+                except Exception as exc:  # DelegateCompileError: wrong; others: not comparable
+                    failures[name] = (
+                        str(exc)
+                        if isinstance(exc, DelegateCompileError)
+                        else (f"outputs not comparable: {_first_line(exc)}")
+                    )
         cases = {name: run for name, run in runs.items() if name not in failures}
         times = timer(cases)
     measurements = tuple(
@@ -151,6 +183,10 @@ def choose(
     for name, why in failures.items():
         logger.warning("nativert: the %s candidate of a torch.compile graph failed: %s", name, why)
     return GraphChoice(fastest, measurements, training)
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
 
 def _run(fn: Callable[..., Any], inputs: Sequence[Any], training: bool) -> Callable[[], Any]:
@@ -171,7 +207,7 @@ def _run(fn: Callable[..., Any], inputs: Sequence[Any], training: bool) -> Calla
             grads_of = [o for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad]
             if not grads_of:
                 return outputs
-            loss = sum(o.sum() for o in grads_of)
+            loss = sum((o.real if o.is_complex() else o).sum() for o in grads_of)
             grads = torch.autograd.grad(loss, wrt, allow_unused=True)
         present = [g for g in grads if g is not None]
         if present:
@@ -194,23 +230,45 @@ def checker(precision: str, accuracy: float) -> Callable[[list[Any], list[Any]],
 
 
 class _restored:
-    """Restores the example inputs that runs mutate (buffers such as batch-norm running
-    stats, inputs changed in place) and the random number generator."""
+    """Snapshots what runs may change, and puts it back on every call of the restore function
+    it returns and on exit: the random number generators (CPU and CUDA) and the example
+    inputs a run may write (buffers such as batch-norm running stats, inputs changed in place,
+    inference tensors, which have no version counter to tell). Parameters are not written by a
+    forward or backward; one that changed anyway is reported."""
 
     def __init__(self, inputs: Sequence[Any]) -> None:
         self.inputs = [x for x in inputs if isinstance(x, torch.Tensor)]
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> Callable[[], None]:
         self.rng = torch.get_rng_state()
+        self.cuda = any(x.is_cuda for x in self.inputs)
+        self.cuda_rng = torch.cuda.get_rng_state_all() if self.cuda else None
         self.saved = []
-        for x in self.inputs:
-            # Parameters are not written by a forward or backward; the rest may be.
-            copy = None if x.requires_grad or x.is_inference() else x.detach().clone()
-            self.saved.append((x, x._version if not x.is_inference() else None, copy))
+        with torch.no_grad():
+            for x in self.inputs:
+                if x.is_inference():
+                    with torch.inference_mode():
+                        self.saved.append((x, None, x.clone()))
+                elif x.requires_grad:
+                    self.saved.append((x, x._version, None))
+                else:
+                    self.saved.append((x, x._version, x.detach().clone()))
+        return self.restore
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+        for x, version, copy in self.saved:
+            if copy is None:
+                if x._version != version:
+                    logger.warning("nativert: a parameter changed while a graph was timed")
+            elif x.is_inference():
+                with torch.inference_mode():
+                    x.copy_(copy)
+            elif x._version != version:
+                with torch.no_grad():
+                    x.copy_(copy)
 
     def __exit__(self, *exc: Any) -> None:
-        torch.set_rng_state(self.rng)
-        with torch.no_grad():
-            for x, version, copy in self.saved:
-                if copy is not None and x._version != version:
-                    x.copy_(copy)
+        self.restore()

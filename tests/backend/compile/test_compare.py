@@ -218,3 +218,85 @@ def test_under_autotune_a_graph_choice_is_cached_and_only_the_winner_compiled(
     with torch.no_grad():
         torch.compile(model, backend="nativert", options=other)(x)
     assert len(asked) == 2  # other settings, another decision
+
+
+# -- what choose() is given: state, inference tensors, failures, randomness ------------------
+def _choose(candidates, inputs, monkeypatch, *, training=False, times=None):
+    from nativert.backend.compile.choose import checker, choose
+
+    times = times or {name: float(i + 1) for i, name in enumerate(candidates)}
+    fixed_times(monkeypatch, choose_module, times)
+    return choose(candidates, inputs, training=training, check=checker("fp32", 1e-2))
+
+
+def test_every_candidate_starts_from_the_state_the_call_came_with(monkeypatch):
+    """A graph that writes a buffer and reads it back: both candidates compute the same, so
+    neither is 'wrong'; and the buffer ends as it began (inference tensors included)."""
+
+    def counter(x, state):
+        state.add_(1)
+        return (x + state,)
+
+    for make_state in (torch.zeros, lambda n: torch.inference_mode()(torch.zeros)(n)):
+        state, x = make_state(3), torch.randn(3)
+        choice = _choose(
+            {"pytorch": counter, "nativert": counter},
+            [x, state],
+            monkeypatch,
+            times={"pytorch": 2.0, "nativert": 1.0},
+        )
+        assert choice.choice == "nativert", choice.line()
+        assert torch.equal(state, torch.zeros(3))
+
+
+def test_outputs_that_cannot_be_compared_fail_the_candidate_not_the_call(monkeypatch):
+    def fine(x):
+        return (x * 2,)
+
+    def odd(x):
+        return (torch.sparse_coo_tensor(torch.tensor([[0]]), x[:1] * 2, (3,)),)
+
+    choice = _choose({"pytorch": fine, "nativert": odd}, [torch.randn(3)], monkeypatch)
+    assert choice.choice == "pytorch"
+    (failed,) = [m for m in choice.measurements if m.runner == "nativert"]
+    assert failed.ms is None and failed.failure, failed
+
+
+def test_a_graph_pytorch_cannot_run_as_timed_keeps_the_delegated_graph(monkeypatch):
+    """Grad mode on and parameters requiring grad make a graph look like training; its
+    backward may not exist (eager never runs it). The timing must not raise for the user."""
+
+    class NoDerivative(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("the derivative for 'thing' is not implemented")
+
+    def graph(x):
+        return (NoDerivative.apply(x),)
+
+    x = torch.randn(8, requires_grad=True)
+    choice = _choose({"pytorch": graph, "nativert": graph}, [x], monkeypatch, training=True)
+    assert choice.choice == "nativert"
+    assert choice.measurements[0].ms is None and "derivative" in choice.measurements[0].failure
+
+
+def test_random_ops_are_recognised_by_name_not_by_substring():
+    from nativert.backend.compile.choose import draws_random_numbers
+
+    def graph(fn):
+        return torch.fx.symbolic_trace(fn)
+
+    assert draws_random_numbers(graph(lambda x: nn.functional.dropout(x, 0.1)))
+    assert draws_random_numbers(graph(lambda x: x + torch.rand_like(x)))
+    assert draws_random_numbers(
+        graph(lambda q: nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.1))
+    )
+    assert not draws_random_numbers(graph(lambda x: nn.functional.normalize(x)))
+    assert not draws_random_numbers(graph(lambda x, t: nn.functional.poisson_nll_loss(x, t)))
+    assert not draws_random_numbers(
+        graph(lambda q: nn.functional.scaled_dot_product_attention(q, q, q))
+    )
