@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from nativert.backend.autotune import Measurement, time_interleaved
+from nativert.backend.autotune import Measurement, _first_line, time_interleaved
 from nativert.errors import DelegateCompileError
 
 logger = logging.getLogger("nativert")
@@ -183,10 +183,6 @@ def choose(
     for name, why in failures.items():
         logger.warning("nativert: the %s candidate of a torch.compile graph failed: %s", name, why)
     return GraphChoice(fastest, measurements, training)
-
-
-def _first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
 
 def _run(fn: Callable[..., Any], inputs: Sequence[Any], training: bool) -> Callable[[], Any]:
