@@ -100,14 +100,16 @@ class Decision:
 
 @dataclasses.dataclass
 class TuningReport:
-    """Every decision autotune made, the time it took, and whether the budget ran out."""
+    """Every decision autotune made, the time it took, and whether the budget ran out.
+    `by`: what decided ("Autotune", or "compare_with_pytorch" for the default plan's check)."""
 
     decisions: list[Decision] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     budget_spent: bool = False
+    by: str = "Autotune"
 
     def __str__(self) -> str:
-        lines = [f"Autotune: {len(self.decisions)} decision(s) in {self.seconds:.1f} s"]
+        lines = [f"{self.by}: {len(self.decisions)} decision(s) in {self.seconds:.1f} s"]
         if self.budget_spent:
             lines[0] += " (budget spent: regions not reached keep their default runner)"
         lines += [f"  {d.tag}: {d.line()}" for d in self.decisions]

@@ -168,9 +168,11 @@ def _lower_program(program, settings, partitioner, passes, after_lowering, on_fa
         lowered = _lower(result.tagged_program, plan, settings.show_progress, common)
         if compare:
             lower = functools.partial(lower_tagged_program, **common)
+            started = time.perf_counter()
             lowered, decision = compare_with_pytorch(lowered, tagged, example_inputs, lower)
             if decision is not None:
-                tuning = TuningReport([decision])
+                seconds = time.perf_counter() - started
+                tuning = TuningReport([decision], seconds, by="compare_with_pytorch")
     if after_lowering:
         lowered = run_passes(lowered, after_lowering).program
     return LoweringResult(

@@ -58,7 +58,11 @@ def test_a_custom_op_between_two_linears_is_not_delegated_when_the_hybrid_plan_i
     model, (x,) = make("custom_op")
     ep = torch.export.export(model, (x,))
     asked = fixed_times(monkeypatch, autotune, {MIXED: 2.0, PYTORCH: 1.0})
-    program = nativert.to_backend(ep, cache_dir=None)
+    from nativert.backend.pipeline import lower_program
+
+    result = lower_program(ep, nativert.Settings(cache_dir=None))
+    assert str(result.tuning).startswith("compare_with_pytorch: 1 decision(s)"), result.tuning
+    program = result.program
     assert len(asked) == 1 and set(asked[0]) == {MIXED, PYTORCH}
     assert lowered_modules(program) == []  # PyTorch alone: no hand-offs
     text = str(nativert.delegation_report(program))
