@@ -290,16 +290,25 @@ class DecisionCache:
             logger.warning("nativert autotune: cannot write its cache (%s)", exc)
 
 
-def _key(code: str, inputs: Sequence[Any], runners: Sequence[Runner], settings) -> str:
-    def text(value: Any) -> str:
-        if isinstance(value, torch.Tensor):
-            return f"{value.dtype}{list(value.shape)}@{value.device.type}"
-        return repr(value)
+def value_text(value: Any, *, grad: bool = False) -> str:
+    """An input as a decision key sees it: a tensor's dtype, shape, device (and, with
+    `grad`, whether it requires grad); any other value's repr."""
+    if isinstance(value, torch.Tensor):
+        text = f"{value.dtype}{list(value.shape)}@{value.device.type}"
+        return f"{text}:{value.requires_grad}" if grad else text
+    return repr(value)
 
+
+def digest(parts: Mapping[str, Any]) -> str:
+    """A decision key: the sha256 of `parts` as sorted JSON."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _key(code: str, inputs: Sequence[Any], runners: Sequence[Runner], settings) -> str:
     parts = {
         "format": _FORMAT,
         "code": code,
-        "inputs": [text(v) for v in inputs],
+        "inputs": [value_text(v) for v in inputs],
         "candidates": {
             r.name: [_version(r.spec.backend_id), repr(r.spec.compile_specs)] for r in runners
         },
@@ -310,7 +319,7 @@ def _key(code: str, inputs: Sequence[Any], runners: Sequence[Runner], settings) 
         "machine": machine(),
         "threads": torch.get_num_threads(),
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return digest(parts)
 
 
 def _version(backend_id: str) -> list[Any]:
@@ -506,7 +515,6 @@ def _whole_plan(program, runner: Runner | None, lower) -> ExportedProgram | None
 def _choose_plan(tuner, program, mixed, flat, whole, key, known, lower) -> ExportedProgram:
     """Step 4: the mixed plan against PyTorch alone and each delegate that takes the whole
     program, end to end on an Executor."""
-    from nativert.backend.runtime import Executor
     from nativert.call_delegate import lowered_modules
 
     if not _tensor_compute(mixed) and len(lowered_modules(mixed)) == 1:
@@ -533,16 +541,12 @@ def _choose_plan(tuner, program, mixed, flat, whole, key, known, lower) -> Expor
     expected = None
     for name, plan in sorted(plans.items(), key=lambda item: item[1] is not reference):
         try:
-            executor = Executor(plan)
-            # Its own inputs: a plan that mutates an input must not change the next plan's.
-            own = [t.clone() if isinstance(t, torch.Tensor) else t for t in flat]
-            with torch.no_grad():
-                outputs = executor.run_flat(own)
+            outputs, case = _plan_run(plan, flat)
             if expected is None:
                 expected = outputs  # the reference plan's, which comes first
             else:
                 _check(outputs, expected, _plan_precision(plan), tuner.settings.accuracy)
-            cases[name] = functools.partial(executor.run_flat, flat)
+            cases[name] = case
         except Exception as exc:  # a plan that cannot run loses; the mixed plan is a fallback
             failures[name] = _first_line(exc)
             if plan is reference:
@@ -556,6 +560,19 @@ def _choose_plan(tuner, program, mixed, flat, whole, key, known, lower) -> Expor
     if not tuner.report.budget_spent:
         tuner.decisions.put(key, decision)
     return _annotate(plans[decision.choice], decision, tuner.report)
+
+
+def _plan_run(plan: ExportedProgram, flat: Sequence[Any]) -> tuple[Any, Callable[[], Any]]:
+    """One run of a lowered plan on an Executor, and the call that times it. Both use the
+    plan's own copy of the inputs: a plan that mutates an input changes neither the caller's
+    nor another plan's."""
+    from nativert.backend.runtime import Executor
+
+    executor = Executor(plan)
+    own = [t.clone() if isinstance(t, torch.Tensor) else t for t in flat]
+    with torch.no_grad():
+        outputs = executor.run_flat(own)
+    return outputs, functools.partial(executor.run_flat, own)
 
 
 def _plan_precision(plan: ExportedProgram) -> str:
@@ -618,20 +635,13 @@ def compare_with_pytorch(
 
 
 def _compare(lowered, tagged, example_inputs, lower) -> tuple[ExportedProgram, Decision]:
-    from nativert.backend.runtime import Executor
     from nativert.call_delegate import call_delegate
 
     flat = example_user_inputs(tagged, example_inputs)
     plans = {MIXED: lowered, PYTORCH: lower(_untagged(tagged), {})}
     cases, outputs = {}, {}
     for name, plan in plans.items():
-        executor = Executor(plan)
-        # Its own inputs: a plan that mutates an input changes neither the caller's nor the
-        # other plan's.
-        own = [t.clone() if isinstance(t, torch.Tensor) else t for t in flat]
-        with torch.no_grad():
-            outputs[name] = executor.run_flat(own)
-        cases[name] = functools.partial(executor.run_flat, own)
+        outputs[name], cases[name] = _plan_run(plan, flat)
     mismatch = _close(outputs[MIXED], outputs[PYTORCH])
     if mismatch is not None and _plan_precision(lowered) == FP32:
         # The regions were checked as they compiled; say so rather than hide it.

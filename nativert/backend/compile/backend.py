@@ -191,15 +191,17 @@ def _delegated(
 
     # Training graphs always run between PyTorch code (loss, autograd engine, optimizer):
     # delegates get the specs they need to share the cores.
-    embedded = embedded_settings(settings)
+    embedded = embedded_settings(settings) if training else settings
+
+    def partitioner_for(kind_settings: Settings) -> CapabilityPartitioner:
+        # Autotune partitions with every available delegate as a candidate (autotune.py).
+        base = candidate_settings(kind_settings) if settings.autotune else kind_settings
+        return CapabilityPartitioner.from_settings(base)
+
+    inference = partitioner_for(settings)
+    trains = partitioner_for(embedded) if training else inference
     per_kind = {"inference": settings, "fw": embedded, "bw": embedded}
-    # Autotune partitions with every available delegate as a candidate (autotune.py).
-    partitioners = {
-        kind: CapabilityPartitioner.from_settings(
-            candidate_settings(kind_settings) if settings.autotune else kind_settings
-        )
-        for kind, kind_settings in per_kind.items()
-    }
+    partitioners = {"inference": inference, "fw": trains, "bw": trains}
     weights = module_weights(gm, example_inputs)
     preserve = frozenset(partitioners["inference"].ops_to_preserve())
     direct: dict[str, Callable[..., Any]] = {}

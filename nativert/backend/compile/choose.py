@@ -61,15 +61,7 @@ def decision_key(gm: torch.fx.GraphModule, inputs: Sequence[Any], names, setting
     """What a cached choice depends on: the graph, its inputs (shapes, dtypes, which need
     grad), the candidates and the delegates' versions, the settings that shape the delegated
     graph, the machine and torch's threads."""
-    import hashlib
-    import json
-
-    from nativert.backend.autotune import _version, candidate_settings, machine
-
-    def text(value: Any) -> str:
-        if isinstance(value, torch.Tensor):
-            return f"{value.dtype}{list(value.shape)}@{value.device.type}:{value.requires_grad}"
-        return repr(value)
+    from nativert.backend.autotune import _version, candidate_settings, digest, machine, value_text
 
     shaping = {
         f.name: repr(getattr(settings, f.name))
@@ -79,7 +71,7 @@ def decision_key(gm: torch.fx.GraphModule, inputs: Sequence[Any], names, setting
     parts = {
         "kind": "torch.compile graph",
         "code": gm.code,
-        "inputs": [text(v) for v in inputs],
+        "inputs": [value_text(v, grad=True) for v in inputs],
         "candidates": names,
         "delegates": {b: _version(b) for b in candidate_settings(settings).delegates or ()},
         "settings": shaping,
@@ -87,7 +79,7 @@ def decision_key(gm: torch.fx.GraphModule, inputs: Sequence[Any], names, setting
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return digest(parts)
 
 
 def is_fake(example_inputs: Sequence[Any]) -> bool:
