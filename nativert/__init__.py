@@ -55,11 +55,13 @@ from nativert.partitioner import (
     delegation_report,
 )
 from nativert.passes import PassResult
+from nativert.quantize import quantize
 from nativert.settings import Settings
 
 _register_builtins()
 
 __all__ = [
+    "quantize",
     "AllNodePartitioner",
     "Availability",
     "CapabilityPartitioner",

@@ -217,4 +217,3 @@ def lowered_modules(program: Any) -> list[Any]:
     return [
         program.graph_module.get_submodule(node.args[0].target) for node in delegate_nodes(program)
     ]
-

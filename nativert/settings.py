@@ -21,6 +21,7 @@ import torch
 
 from nativert.delegate.contract import (
     FP32,
+    INT8,
     PRECISION_SPEC,
     PRECISIONS,
     CompileSpec,
@@ -215,15 +216,19 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **_known(changes))
 
-    def specs_for(self, delegate: Delegate) -> tuple[CompileSpec, ...]:
+    def specs_for(
+        self, delegate: Delegate, precision: str | None = None
+    ) -> tuple[CompileSpec, ...]:
         """The compile specs a delegate gets: its entry in `compile_specs`, plus
-        `num_threads` under the delegate's `thread_spec` key and `precision` under
-        PRECISION_SPEC where the delegate offers it, unless set there."""
+        `num_threads` under the delegate's `thread_spec` key and `precision` (default: the
+        setting; "int8" for a quantized region) under PRECISION_SPEC where the delegate
+        offers it, unless set there."""
+        precision = self.precision if precision is None else precision
         specs = dict(self.compile_specs.get(delegate.backend_id, {}))
         if self.num_threads is not None and delegate.thread_spec is not None:
             specs.setdefault(delegate.thread_spec, self.num_threads)
-        if self.precision != FP32 and self.precision in delegate.precisions():
-            specs.setdefault(PRECISION_SPEC, self.precision)
+        if precision != FP32 and precision in delegate.precisions():
+            specs.setdefault(PRECISION_SPEC, precision)
         return tuple(dict_to_specs(specs))
 
 
@@ -268,11 +273,19 @@ def _precision(precision: Any, delegates: tuple[str, ...] | None) -> None:
     offers on this machine; else a SettingsError saying what each one offers."""
     if precision == FP32:
         return
+    if precision == INT8:
+        raise SettingsError(
+            "setting precision='int8' does not exist: int8 comes from the program. Quantize "
+            "it with nativert.quantize(model, calibration_inputs) (PT2E); the regions of a "
+            "quantized program run on their delegates' int8 kernels"
+        )
     ids = delegates if delegates is not None else list_delegates(available_only=True)
     offered = {b: get_delegate(b).precisions() for b in ids}
     if precision in PRECISIONS and any(precision in p for p in offered.values()):
         return
-    each = "; ".join(f"{b}: {', '.join(p)}" for b, p in offered.items())
+    each = "; ".join(
+        f"{b}: {', '.join(q for q in p if q in PRECISIONS)}" for b, p in offered.items()
+    )
     what = "unknown" if precision not in PRECISIONS else "not offered here"
     raise SettingsError(
         f"setting precision={precision!r} is {what}: precisions are {list(PRECISIONS)}, and "

@@ -18,6 +18,7 @@ LAYERS = [
         "nativert._program",
         "nativert.models",
         "nativert._quiet",
+        "nativert.quantize",  # torchao's PT2E flow: torch and torchao only
     ),
     ("nativert.delegate",),
     ("nativert.settings",),

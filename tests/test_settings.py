@@ -145,7 +145,8 @@ def test_precision_reaches_exactly_the_delegates_that_offer_it():
     # a compile spec set for the delegate wins over the setting
     explicit = Settings(precision="bf16", compile_specs={"aoti": {"precision": "fp32"}})
     assert explicit.specs_for(aoti) == (nativert.CompileSpec("precision", "fp32"),)
-    with pytest.raises(nativert.SettingsError, match=r"has no compile specs \['precision'\]"):
+    # onnxruntime takes the spec only for quantized regions (int8, set by the partitioner)
+    with pytest.raises(nativert.SettingsError, match=r"must be one of \['fp32', 'int8'\] for onnx"):
         Settings(compile_specs={"onnxruntime": {"precision": "bf16"}})
 
 
@@ -296,3 +297,8 @@ def _causes(exc: BaseException) -> list[type]:
         found.append(type(exc))
         exc = exc.__cause__ or exc.__context__
     return found
+
+
+def test_int8_is_not_a_precision_setting_and_says_how_to_get_it():
+    with pytest.raises(nativert.SettingsError, match=r"nativert.quantize\(model, calibration"):
+        Settings(precision="int8")

@@ -40,6 +40,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("factory", help="FILE.py:FACTORY; FACTORY() returns (model, example_args)")
     p.add_argument("-o", "--output", required=True, help="the .pt2 file to write")
     p.add_argument("--dynamic-batch", action="store_true", help="dim 0 of every input dynamic")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="quantize to int8 first (nativert.quantize, PT2E; needs nativert[quant])",
+    )
+    p.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="with --int8: calibration inputs, a .safetensors or .pt file of tensors named "
+        "arg0, arg1, ... (one per positional input), each [N, *example shape] for N batches "
+        "(default: 8 random batches, with a warning)",
+    )
+    p.add_argument("--scheme", default="x86", help="with --int8: x86 (default) or x86_reduce_range")
     add_settings_flags(p)
     p = commands.add_parser("inspect", help="what a saved package holds")
     p.add_argument("package")

@@ -220,6 +220,69 @@ def settings_from_args(args: argparse.Namespace, base: Any) -> Any:
     return base.replace(**given)
 
 
+def _calibration_batches(path: str | None, example: tuple) -> list[tuple]:
+    """The calibration batches from FILE (see the --calibration help), or 8 random ones
+    shaped like the example inputs, with a warning."""
+    if path is None:
+        print(
+            "warning: --int8 without --calibration calibrates on 8 random batches shaped like "
+            "the example inputs; real inputs give better scales (--calibration FILE)",
+            file=sys.stderr,
+        )
+        return [
+            tuple(torch.randn_like(x) if x.is_floating_point() else x for x in example)
+            for _ in range(8)
+        ]
+    import os
+
+    if not os.path.isfile(path):
+        raise CliError(f"{path}: no such file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            tensors = load_file(path)
+        else:  # weights_only: plain tensors, never code
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CliError(f"{path}: cannot read calibration inputs: {exc}") from exc
+    names = [f"arg{i}" for i in range(len(example))]
+    if not isinstance(tensors, dict) or sorted(tensors) != sorted(names):
+        got = sorted(tensors) if isinstance(tensors, dict) else type(tensors).__name__
+        raise CliError(f"{path}: expected tensors named {names}, got {got}")
+    counts = set()
+    for name, x in zip(names, example, strict=True):
+        value = tensors[name]
+        if not isinstance(value, torch.Tensor) or list(value.shape[1:]) != list(x.shape):
+            shape = list(getattr(value, "shape", []))
+            raise CliError(
+                f"{path}: {name} is {shape}; expected [N, {', '.join(map(str, x.shape))}] "
+                "(N calibration batches shaped like the example input)"
+            )
+        counts.add(value.shape[0])
+    if len(counts) != 1 or 0 in counts:
+        raise CliError(f"{path}: every argN needs the same number of batches, got {counts}")
+    return [tuple(tensors[n][i] for n in names) for i in range(counts.pop())]
+
+
+def _quantized(program, model, example, kwargs, args):
+    import nativert
+
+    if kwargs:
+        raise CliError("--int8 takes models with positional example inputs only")
+    batches = _calibration_batches(args.calibration, example)
+    try:
+        quantized = nativert.quantize(program, batches, scheme=args.scheme)
+    except (ValueError, TypeError, nativert.NativertError) as exc:
+        raise CliError(f"--int8: {exc}") from exc
+    with torch.no_grad():
+        expected, got = model(*example), quantized.module()(*example)
+    if isinstance(expected, torch.Tensor) and isinstance(got, torch.Tensor):
+        error = (got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)
+        print(f"quantized to int8 ({args.scheme}): rel err {float(error):.2g} vs fp32 eager")
+    return quantized
+
+
 def lower(args: argparse.Namespace) -> int:
     import os
 
@@ -230,10 +293,14 @@ def lower(args: argparse.Namespace) -> int:
     dynamic = None
     if args.dynamic_batch:
         example, kwargs, dynamic = _dynamic_batch(model, example, kwargs, args.factory)
+    if args.calibration and not args.int8:
+        raise CliError("--calibration is for --int8: add --int8, or drop --calibration")
     try:
         program = torch.export.export(model.eval(), example, kwargs=kwargs, dynamic_shapes=dynamic)
     except Exception as exc:
         raise _export_error(exc, args.factory) from exc
+    if args.int8:
+        program = _quantized(program, model, example, kwargs, args)
     from nativert.backend import pipeline
 
     settings = settings_from_args(args, nativert.Settings())

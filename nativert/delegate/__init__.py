@@ -8,8 +8,10 @@ segment's reference graph. Nothing here imports from the layers above.
 
 from nativert.delegate.contract import (
     FP32,
+    INT8,
     PRECISION_SPEC,
     PRECISIONS,
+    SPEC_PRECISIONS,
     TORCH_DTYPES,
     Availability,
     CompileSpec,
@@ -43,7 +45,9 @@ from nativert.delegate.support import (
 __all__ = [
     "ENTRY_POINT_GROUP",
     "FP32",
+    "INT8",
     "PRECISIONS",
+    "SPEC_PRECISIONS",
     "PRECISION_SPEC",
     "TORCH_DTYPES",
     "Availability",

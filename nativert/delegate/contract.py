@@ -21,6 +21,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
+from nativert._program.quant import INT8
 from nativert.errors import WeightsError
 
 JSONValue = Any  # str | int | float | bool | None | list | dict of those
@@ -57,6 +58,11 @@ def dict_to_specs(options: Mapping[str, JSONValue] | None) -> list[CompileSpec]:
 FP32 = "fp32"
 PRECISIONS = ("fp32", "bf16", "fp16")
 PRECISION_SPEC = "precision"
+# A region of a PT2E-quantized program (quantize/dequantize around its ops) gets "int8" from
+# the partitioner when its delegate offers it: the delegate runs those patterns on its int8
+# kernels. Without it the delegate computes them in fp32, exactly as PyTorch does (what the
+# accuracy guard falls back to). Not a `precision` setting: quantizing is nativert.quantize.
+SPEC_PRECISIONS = (*PRECISIONS, INT8)
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -205,9 +211,9 @@ class Delegate(abc.ABC):
         `precision` setting is where "not offered here" is refused). A delegate takes the
         spec at all by listing PRECISION_SPEC in `compile_spec_keys`."""
         value = specs.get(PRECISION_SPEC, FP32)
-        if value not in PRECISIONS:
+        if value not in SPEC_PRECISIONS:
             raise ValueError(
-                f"compile spec {PRECISION_SPEC!r} must be one of {list(PRECISIONS)}, got "
+                f"compile spec {PRECISION_SPEC!r} must be one of {list(SPEC_PRECISIONS)}, got "
                 f"{value!r}"
             )
 

@@ -21,6 +21,7 @@ from torch.fx.passes.operator_support import OperatorSupportBase
 
 from nativert._program.meta import INPUT_KIND_KEY, PIN_KEY, REASON_KEY, TAG_KEY
 from nativert._program.ops import is_compute, op_name, produces_tensors
+from nativert._program.quant import INT8, is_quantized, quantized_units
 from nativert.call_delegate import call_delegate
 from nativert.delegate import Delegate, default_delegates, get_delegate, require_available
 from nativert.partitioner.base import DelegationSpec, PartitionResult
@@ -32,8 +33,6 @@ def _matches(node: Node, keys: Iterable[str]) -> bool:
     if not isinstance(target, torch._ops.OpOverload):
         return False
     return target.name() in keys or target._schema.name in keys
-
-
 
 
 class _AssignedTo(OperatorSupportBase):
@@ -156,6 +155,69 @@ class CapabilityPartitioner:
                 if backend_id is not None:
                     assignment[node] = backend_id
 
+        units = quantized_units(gm.graph)
+        for unit in units:
+            self._assign_unit(unit, delegates, assignment)
+        while True:
+            regions = self._regions(gm, delegates, assignment)
+            owner = {node: i for i, (_, nodes) in enumerate(regions) for node in nodes}
+            split = [u for u in units if len({owner.get(n) for n in u}) > 1]
+            if not split:
+                break
+            # A region boundary inside a quantized unit would cut an op from its Q/DQ (its
+            # int8 kernel): such a unit stays in PyTorch whole, and the regions are redrawn.
+            for unit in split:
+                for node in unit:
+                    assignment.pop(node, None)
+                    node.meta[REASON_KEY] = (
+                        f"its quantized unit ({_unit_text(unit)}) would be split between "
+                        "regions; kept in PyTorch whole"
+                    )
+
+        specs = {d.backend_id: self.settings.specs_for(d) for d in delegates}
+        int8 = {d.backend_id: self.settings.specs_for(d, INT8) for d in delegates}
+        tags: dict[str, DelegationSpec] = {}
+        for backend_id, nodes in regions:
+            tag = f"{backend_id}_{len(tags)}"
+            for node in nodes:
+                node.meta[TAG_KEY] = tag
+            chosen = int8 if is_quantized(nodes) else specs
+            tags[tag] = DelegationSpec(backend_id, chosen[backend_id])
+        return PartitionResult(program, tags)
+
+    def _assign_unit(
+        self, unit: list[Node], delegates: list[Delegate], assignment: dict[Node, str]
+    ) -> None:
+        """Give every node of a quantized unit the first delegate that runs all of it, or
+        keep the whole unit in PyTorch (with each node's reason saying why)."""
+        checked = [n for n in unit if n.target is not operator.getitem]
+        kept = next((n for n in checked if n not in assignment), None)
+        if kept is None:
+            reasons = []
+            for delegate in delegates:
+                refused = [(n, delegate.check_support(n)) for n in checked]
+                refused = [(n, why) for n, why in refused if why is not None]
+                if not refused:
+                    for node in unit:
+                        assignment[node] = delegate.backend_id
+                    return
+                node, why = refused[0]
+                reasons.append(f"{delegate.backend_id}: {node.name}: {why}")
+            why = "; ".join(reasons)
+        else:
+            why = f"{kept.name} stays in PyTorch ({kept.meta.get(REASON_KEY)})"
+        for node in unit:
+            assignment.pop(node, None)
+            if node is not kept:  # that one keeps its own reason
+                node.meta[REASON_KEY] = (
+                    f"its quantized unit ({_unit_text(unit)}) runs whole or not at all: {why}"
+                )
+
+    def _regions(
+        self, gm: torch.fx.GraphModule, delegates: list[Delegate], assignment: dict[Node, str]
+    ) -> list[tuple[str, list[Node]]]:
+        """The regions the assignment makes: grown per delegate, small ones dropped, cycles
+        broken. Nodes of dropped regions record why."""
         regions: list[tuple[str, list[Node]]] = []
         for delegate in delegates:
             backend_id = delegate.backend_id
@@ -179,15 +241,7 @@ class CapabilityPartitioner:
                     )
                     for node in nodes:
                         node.meta[REASON_KEY] = reason
-
-        specs = {d.backend_id: self.settings.specs_for(d) for d in delegates}
-        tags: dict[str, DelegationSpec] = {}
-        for backend_id, nodes in _break_cycles(gm, regions):
-            tag = f"{backend_id}_{len(tags)}"
-            for node in nodes:
-                node.meta[TAG_KEY] = tag
-            tags[tag] = DelegationSpec(backend_id, specs[backend_id])
-        return PartitionResult(program, tags)
+        return _break_cycles(gm, regions)
 
     def _big_enough(self, nodes: list[Node]) -> bool:
         compute = [n for n in nodes if is_compute(n)]
@@ -197,6 +251,9 @@ class CapabilityPartitioner:
         return bool(compute) and all(_matches(n, allowed) for n in compute)
 
 
+def _unit_text(unit: list[Node], most: int = 4) -> str:
+    names = [n.name for n in unit]
+    return ", ".join(names[:most]) + (f", ... {len(names)} nodes" if len(names) > most else "")
 
 
 def _regions_on_cycles(

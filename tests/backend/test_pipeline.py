@@ -210,7 +210,14 @@ def test_onnxruntime_threads_stop_spinning_only_when_other_code_runs_between_its
 
 
 _QUIET_SCRIPT = """
-import torch, transformers, nativert
+import logging, sys
+import torch, nativert
+assert "torchao" not in sys.modules, "import nativert must not import torchao"
+# transformers imports torchao where it is installed (nativert[quant], dev), and torchao logs
+# the CUDA kernels it cannot load: the user's import, not our call, so silenced here.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+import transformers
 torch.manual_seed(0)
 config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                  intermediate_size=64, vocab_size=100)

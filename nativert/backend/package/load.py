@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from typing import Any
 
+import torch
 from torch._export.serde import schema
 from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
 from torch.export import ExportedProgram
@@ -32,7 +34,7 @@ from torch.export.pt2_archive.constants import (
     MODELS_FILENAME_FORMAT,
 )
 
-from nativert._program import rebuild_program
+from nativert._program import WEIGHT_KINDS, rebuild_program
 from nativert._program.accuracy import Accuracy
 from nativert._program.meta import REASON_KEY
 from nativert.backend.package.archive import Archive, check_byteorder
@@ -165,11 +167,33 @@ def _read_program(archive: Archive, name: str, plain_containers: bool) -> Export
     try:
         serialized = _dict_to_dataclass(schema.ExportedProgram, data)
         # Empty sample inputs: torch would torch.load them (weights_only=False fallback).
-        return ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, b"")
+        program = ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, b"")
     except Exception as exc:
         raise PackageError(
             f"{path}: cannot read program {member}: {type(exc).__name__}: {exc}"
         ) from exc
+    _check_weight_layouts(program, refused)
+    return program
+
+
+def _check_weight_layouts(program: ExportedProgram, refused: Any) -> None:
+    """Every stored weight has the dtype and shape its placeholder declares: a tensor that
+    does not (a quantized program's scales or zero points of the wrong length, say) would
+    otherwise broadcast or index its way to a wrong answer."""
+    values = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
+    stored = {**program.state_dict, **program.constants}
+    for spec in program.graph_signature.input_specs:
+        if spec.kind not in WEIGHT_KINDS:
+            continue
+        want, got = values.get(spec.arg.name), stored.get(spec.target)
+        if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor):
+            continue
+        if got.dtype != want.dtype or list(got.shape) != [int(d) for d in want.shape]:
+            raise refused(
+                f"weight {spec.target!r} is {str(got.dtype).removeprefix('torch.')}"
+                f"{list(got.shape)}, but the program declares "
+                f"{str(want.dtype).removeprefix('torch.')}{list(want.shape)}"
+            )
 
 
 def _delegate(

@@ -47,8 +47,39 @@ def longs(*values):
     return torch.tensor(values)
 
 
+def u8(*shape):
+    return torch.randint(0, 256, shape, dtype=torch.uint8)
+
+
+def i8(*shape):
+    return torch.randint(-128, 128, shape, dtype=torch.int8)
+
+
+qd = torch.ops.quantized_decomposed
+
 # op -> args (tensors become program inputs, the rest stay literal)
 SAMPLES = {
+    # PT2E's Q/DQ; 0..127 in a uint8 is a narrow range (export.py clamps)
+    qd.quantize_per_tensor.default: lambda: (r(3, 4) * 4, 0.05, 3, 0, 127, torch.uint8),
+    qd.dequantize_per_tensor.default: lambda: (u8(3, 4), 0.05, 3, 0, 255, torch.uint8),
+    qd.quantize_per_channel.default: lambda: (
+        r(3, 4),
+        pos(4),
+        below(5, 4),
+        1,
+        -128,
+        127,
+        torch.int8,
+    ),
+    qd.dequantize_per_channel.default: lambda: (
+        i8(4, 3),
+        pos(4),
+        below(5, 4),
+        0,
+        -128,
+        127,
+        torch.int8,
+    ),
     aten.linear.default: lambda: (r(2, 3), r(4, 3), r(4)),
     aten.layer_norm.default: lambda: (r(2, 4), [4], r(4), r(4)),
     aten.scaled_dot_product_attention.default: lambda: (

@@ -66,8 +66,29 @@ def mask(*shape):
     return torch.rand(*shape) > 0.5
 
 
+qd = torch.ops.quantized_decomposed
+
 # op -> sample args from a Make of the dtype under test (tensors become program inputs).
 SAMPLES = {
+    # PT2E's Q/DQ (float32 <-> uint8/int8 whatever the dtype under test)
+    qd.quantize_per_tensor.default: lambda t: (r(3, 4) * 4, 0.05, 3, 0, 127, torch.uint8),
+    qd.dequantize_per_tensor.default: lambda t: (
+        torch.randint(0, 256, (3, 4), dtype=torch.uint8),
+        0.05,
+        3,
+        0,
+        255,
+        torch.uint8,
+    ),
+    qd.dequantize_per_channel.default: lambda t: (
+        torch.randint(-128, 128, (4, 3), dtype=torch.int8),
+        pos(4),
+        idx(5, 4),
+        0,
+        -128,
+        127,
+        torch.int8,
+    ),
     aten.linear.default: lambda t: (t(2, 3), r(4, 3), r(4)),
     aten.scaled_dot_product_attention.default: lambda t: (
         t(1, 2, 3, 4),

@@ -93,9 +93,12 @@ def test_expression_injection_is_refused_and_runs_nothing(saved, tmp_path, where
 def test_node_targets_that_are_not_operators_are_refused(saved, tmp_path, target):
     _, _, path, _ = saved
     hostile = tmp_path / "hostile.pt2"
-    edit_json(path, hostile, MODEL_JSON, lambda p: _first(p, lambda d: "target" in d).update(
-        target=target
-    ))
+    edit_json(
+        path,
+        hostile,
+        MODEL_JSON,
+        lambda p: _first(p, lambda d: "target" in d).update(target=target),
+    )
     with pytest.raises(nativert.PackageError, match=rf"node target '{target}' is not"):
         nativert.load(hostile)
 
@@ -229,8 +232,9 @@ def test_onnx_payload_that_reads_files_is_refused(saved, tmp_path):
     hostile = tmp_path / "reads_files.pt2"
     rewrite(path, hostile, {"data/executorch/nativert/0.bin": model.SerializeToString()})
     with pytest.raises(
-        nativert.PackageError, match=r"segment 'onnxruntime_0' \(onnxruntime\) is refused: .*"
-        r"reads external data from \['/etc/hostname'\]"
+        nativert.PackageError,
+        match=r"segment 'onnxruntime_0' \(onnxruntime\) is refused: .*"
+        r"reads external data from \['/etc/hostname'\]",
     ):
         nativert.load(hostile)
 
@@ -249,7 +253,7 @@ def _data_ranges(path: Path) -> dict[str, tuple[int, int]]:
 
 
 def _outcome(path: Path, x: torch.Tensor):
-    """"refused", or the output the loaded program computes."""
+    """ "refused", or the output the loaded program computes."""
     try:
         loaded = nativert.load(path)
         with torch.no_grad():

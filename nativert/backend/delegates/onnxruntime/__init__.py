@@ -15,6 +15,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
+from nativert._program.quant import cpu_has_int8_dot
 from nativert.backend.delegates.onnxruntime import support
 from nativert.backend.delegates.onnxruntime.executor import OnnxRuntimeExecutor
 from nativert.backend.delegates.onnxruntime.export import (
@@ -25,7 +26,7 @@ from nativert.backend.delegates.onnxruntime.export import (
     check_values,
     export,
 )
-from nativert.delegate import Availability, CompileSpec, Delegate, package_versions
+from nativert.delegate import FP32, INT8, Availability, CompileSpec, Delegate, package_versions
 
 
 @functools.cache
@@ -45,9 +46,15 @@ class OnnxRuntimeDelegate(Delegate):
     hybrid_compile_specs = {SPINNING: "never"}
     executes_native_code = False  # an ONNX graph of built-in kernels (check_payload)
 
+    def precisions(self) -> tuple[str, ...]:
+        # int8: quantized regions (PT2E's Q/DQ) on ORT's QDQ-fused int8 kernels.
+        return (FP32, INT8)
+
     def toolchain(self) -> dict[str, str]:
-        """Versions of the exporter and runtime: part of the compile cache key."""
-        return package_versions("onnx", "onnxscript", "onnxruntime")
+        """Versions of the exporter and runtime, and whether int8 payloads use unsigned
+        weights here (export.py): part of the compile cache key."""
+        versions = package_versions("onnx", "onnxscript", "onnxruntime")
+        return {**versions, "int8_weights": "s8" if cpu_has_int8_dot() else "u8"}
 
     def is_available(self) -> Availability:
         missing = [

@@ -38,7 +38,7 @@ from nativert.backend.delegates.onnxruntime.export import (
     options,
 )
 from nativert.backend.runtime.buffers import OutputBuffer
-from nativert.delegate import CompileSpec, StagedWeights
+from nativert.delegate import FP32, INT8, PRECISION_SPEC, CompileSpec, StagedWeights
 from nativert.errors import DelegateCallError, DelegateCompileError
 
 _ONNX_TYPES: dict[str, torch.dtype] = {
@@ -47,6 +47,8 @@ _ONNX_TYPES: dict[str, torch.dtype] = {
     "tensor(float)": torch.float32,
     "tensor(double)": torch.float64,
     "tensor(bool)": torch.bool,
+    "tensor(uint8)": torch.uint8,
+    "tensor(int8)": torch.int8,
 }
 # ONNX TensorProto element types: what ORT's bindings take without a numpy dtype lookup.
 _ELEMENT_TYPES: dict[torch.dtype, int] = {
@@ -56,6 +58,8 @@ _ELEMENT_TYPES: dict[torch.dtype, int] = {
     torch.int64: 7,
     torch.int32: 6,
     torch.bool: 9,
+    torch.uint8: 2,  # quantized tensors between regions of a PT2E program
+    torch.int8: 3,
 }
 
 
@@ -141,6 +145,9 @@ class OnnxRuntimeExecutor(StagedWeights):
         specs = options(compile_specs)
         self._threads = int(specs.get(THREADS, torch.get_num_threads()))
         self._spinning = SPINNING_MODES[specs.get(SPINNING, DEFAULT_SPINNING)]
+        # Without the int8 spec, QuantizeLinear/DequantizeLinear run as the fp32 arithmetic
+        # PyTorch does; with it ORT fuses them with their ops into its int8 kernels.
+        self._int8 = specs.get(PRECISION_SPEC, FP32) == INT8
         self._log_severity = int(specs.get(LOG_SEVERITY, DEFAULT_LOG_SEVERITY))
         self._reference = reference
         self.weight_names = weight_names(reference)
@@ -166,6 +173,8 @@ class OnnxRuntimeExecutor(StagedWeights):
         so.log_severity_level = self._log_severity
         so.add_session_config_entry("session.intra_op.allow_spinning", self._spinning)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not self._int8:
+            so.add_session_config_entry("session.disable_quant_qdq", "1")
         # Shared, not copied: ORT reads the torch tensors, which must outlive the session.
         arrays = [weights[name].detach().contiguous().cpu() for name in self._external]
         values = [ort.OrtValue.ortvalue_from_numpy(a.numpy()) for a in arrays]

@@ -18,9 +18,14 @@ import torch
 from torch.export import ExportedProgram
 
 from nativert._program import copy_graph_module, rebuild_program, weight_names
-from nativert.delegate import CompileSpec
+from nativert._program.quant import cpu_has_int8_dot, full_range
+from nativert.delegate import FP32, INT8, PRECISION_SPEC, CompileSpec
 from nativert.errors import DelegateCompileError, first_line
 
+aten = torch.ops.aten
+QUANTIZE_PER_TENSOR = torch.ops.quantized_decomposed.quantize_per_tensor.default
+DEQUANTIZE_PER_TENSOR = torch.ops.quantized_decomposed.dequantize_per_tensor.default
+DEQUANTIZE_PER_CHANNEL = torch.ops.quantized_decomposed.dequantize_per_channel.default
 _EXTERNAL_MARKER = "nativert:weights"  # initializers whose data comes from the weights
 
 
@@ -120,7 +125,8 @@ DEFAULT_SPINNING = "always"
 # say nothing about the model), 4 fatal.
 LOG_SEVERITY = "log_severity_level"
 DEFAULT_LOG_SEVERITY = 3
-SPEC_KEYS = (THREADS, SPINNING, LOG_SEVERITY)
+SPEC_KEYS = (THREADS, SPINNING, LOG_SEVERITY, PRECISION_SPEC)
+PRECISIONS = (FP32, INT8)  # int8: the QDQ patterns of a quantized region on int8 kernels
 
 
 def check_values(values: Mapping[str, Any]) -> None:
@@ -135,6 +141,12 @@ def check_values(values: Mapping[str, Any]) -> None:
     if isinstance(severity, bool) or severity not in range(5):
         raise ValueError(
             f"compile spec {LOG_SEVERITY!r} must be 0 (verbose) to 4 (fatal), got {severity!r}"
+        )
+    precision = values.get(PRECISION_SPEC, FP32)
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"compile spec {PRECISION_SPEC!r} must be one of {list(PRECISIONS)} for onnxruntime, "
+            f"got {precision!r}"
         )
     spinning = values.get(SPINNING, DEFAULT_SPINNING)
     if not isinstance(spinning, str) or spinning not in SPINNING_MODES:
@@ -190,12 +202,88 @@ def _fixed_layouts(program: ExportedProgram) -> ExportedProgram:
     return rebuild_program(program, gm)
 
 
+def _onnx_quantization(program: ExportedProgram, int8: bool) -> ExportedProgram:
+    """`program` with its quantize/dequantize nodes in the forms ONNX computes as PyTorch
+    does, and ONNX Runtime runs fast:
+
+    - a per-tensor quantize to a narrower range than its dtype's (PT2E's `reduce_range`:
+      0..127 in a uint8) clamps its input first: QuantizeLinear saturates to the dtype's
+      full range, where PyTorch clamps to quant_min..quant_max;
+    - with `int8` on an x86 CPU without VNNI or AMX, int8 weights are dequantized from
+      uint8 (w + 128 with zero point + 128: the same values) so that ONNX Runtime picks its
+      u8 x u8 kernels: its u8 x s8 ones saturate on such CPUs (see cpu_has_int8_dot). ONNX
+      Runtime folds the conversion into the initializer when it builds the session."""
+    narrow = [n for n in program.graph.nodes if _narrow_quantize(n)]
+    unsigned = [n for n in program.graph.nodes if int8 and _signed_weight_dequantize(n)]
+    if not narrow and not unsigned:
+        return program
+    gm = copy_graph_module(program)
+    graph = gm.graph
+    for node in graph.nodes:
+        if node.name in {n.name for n in narrow}:
+            x, scale, zero_point, qmin, qmax, dtype = node.args[:6]
+            low, high = full_range(dtype)
+            with graph.inserting_before(node):
+                bounds = ((qmin - zero_point) * scale, (qmax - zero_point) * scale)
+                clamped = graph.call_function(aten.clamp.default, (x, *bounds))
+            clamped.meta["val"] = x.meta["val"]
+            node.args = (clamped, scale, zero_point, low, high, dtype, *node.args[6:])
+        elif node.name in {n.name for n in unsigned}:
+            weight, scale, zero_point = node.args[:3]
+            rest = list(node.args[3:])
+            with graph.inserting_before(node):
+                wide = graph.call_function(aten._to_copy.default, (weight,), {"dtype": torch.int16})
+                shifted = graph.call_function(aten.add.Tensor, (wide, 128))
+                weight_u8 = graph.call_function(
+                    aten._to_copy.default, (shifted,), {"dtype": torch.uint8}
+                )
+                if isinstance(zero_point, torch.fx.Node):
+                    zero_point = graph.call_function(aten.add.Tensor, (zero_point, 128))
+                    zero_point.meta["val"] = zero_point.args[0].meta["val"]
+                else:
+                    zero_point = (zero_point or 0) + 128
+            fake = weight.meta["val"]
+            wide.meta["val"] = torch.empty_like(fake, dtype=torch.int16)
+            shifted.meta["val"] = torch.empty_like(fake, dtype=torch.int16)
+            weight_u8.meta["val"] = torch.empty_like(fake, dtype=torch.uint8)
+            # (quant_min, quant_max, dtype) follow zero_point (per channel: and axis)
+            at = 1 if node.target is DEQUANTIZE_PER_CHANNEL else 0
+            rest[at : at + 3] = [0, 255, torch.uint8]
+            node.args = (weight_u8, scale, zero_point, *rest)
+    graph.lint()
+    gm.recompile()
+    return rebuild_program(program, gm)
+
+
+def _narrow_quantize(node: torch.fx.Node) -> bool:
+    if node.target is not QUANTIZE_PER_TENSOR:
+        return False
+    dtype = node.args[5]
+    return (node.args[3], node.args[4]) != full_range(dtype)
+
+
+def _signed_weight_dequantize(node: torch.fx.Node) -> bool:
+    if node.target not in (DEQUANTIZE_PER_TENSOR, DEQUANTIZE_PER_CHANNEL):
+        return False
+    weight = node.args[0]
+    val = weight.meta.get("val") if isinstance(weight, torch.fx.Node) else None
+    return (
+        weight.op == "placeholder"
+        and isinstance(val, torch.Tensor)
+        and val.dtype == torch.int8
+        and not cpu_has_int8_dot()
+    )
+
+
 def export(program: ExportedProgram, compile_specs: Sequence[CompileSpec]) -> bytes:
     """The segment as a weight-free ONNX model (bytes)."""
-    options(compile_specs)
+    int8 = options(compile_specs).get(PRECISION_SPEC, FP32) == INT8
     try:
         onnx_program = torch.onnx.export(
-            _fixed_layouts(program), dynamo=True, optimize=False, verbose=False
+            _fixed_layouts(_onnx_quantization(program, int8)),
+            dynamo=True,
+            optimize=False,
+            verbose=False,
         )
     except Exception as exc:
         raise DelegateCompileError(f"torch.onnx.export failed: {_export_failure(exc)}") from exc

@@ -192,7 +192,9 @@ def exporter_ops() -> frozenset[torch._ops.OpOverload]:
 
     registry = ONNXRegistry.from_torchlib()
     return frozenset(
-        op for op in CANDIDATES if registry.is_registered(op) or op in VIA_EXPORTER_DECOMPOSITION
+        op
+        for op in (*CANDIDATES, *QDQ)
+        if registry.is_registered(op) or op in VIA_EXPORTER_DECOMPOSITION
     )
 
 
@@ -204,7 +206,40 @@ def build_table() -> SupportTable:
     every op here is in the installed exporter's registry and exports and runs in ORT.
     """
     entries = {op: CHECKS.get(op) for op in CANDIDATES if op not in KNOWN_FAILURES}
-    return SupportTable(entries, every_op=all_of(dtypes(*DTYPES)))
+    entries.update(dict.fromkeys(QDQ, check_qdq))
+    float_dtypes = dtypes(*DTYPES)
+    return SupportTable(
+        entries, every_op=lambda node: None if node.target in QDQ else float_dtypes(node)
+    )
+
+
+# PT2E's quantize / dequantize (QuantizeLinear / DequantizeLinear; export.py makes narrow
+# quant ranges exact). The partitioner delegates them only with the ops they quantize.
+_qd = torch.ops.quantized_decomposed
+# The .tensor overloads (qparams as tensors: dynamic quantization) fail in torchlib
+# ("int() argument must be ... not 'SymbolicTensor'", onnxscript 0.7.2): not here.
+QDQ = (
+    _qd.quantize_per_tensor.default,
+    _qd.dequantize_per_tensor.default,
+    _qd.quantize_per_channel.default,
+    _qd.dequantize_per_channel.default,
+)
+
+
+def check_qdq(node: Node) -> str | None:
+    """float32 on one side, uint8/int8 on the other (a narrow quant range is made exact by
+    export.py)."""
+    quantize = "quantize" in node.target._schema.name and "dequantize" not in (
+        node.target._schema.name
+    )
+    data = node.args[0].meta.get("val")
+    out = node.meta.get("val")
+    floating, quantized = (data, out) if quantize else (out, data)
+    if not isinstance(floating, torch.Tensor) or floating.dtype != torch.float32:
+        return "quantizes or dequantizes a tensor that is not float32"
+    if not isinstance(quantized, torch.Tensor) or quantized.dtype not in (torch.uint8, torch.int8):
+        return "quantized dtype other than uint8/int8"
+    return None
 
 
 def _lstm_without_training_dropout(node: Node) -> str | None:

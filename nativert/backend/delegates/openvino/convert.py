@@ -32,18 +32,26 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from nativert._program import copy_graph_module, placeholder_values, weight_names
+from nativert._program.quant import DEQUANTIZE_OPS, QUANTIZE_OPS
 from nativert.backend.delegates.openvino.payload import Payload, check_untrusted, pack
-from nativert.delegate import PRECISION_SPEC, PRECISIONS, CompileSpec
+from nativert.delegate import INT8, PRECISION_SPEC, SPEC_PRECISIONS, CompileSpec
 from nativert.errors import DelegateCompileError
 
 aten = torch.ops.aten
 THREADS = "inference_num_threads"
 SPEC_KEYS = frozenset({THREADS, PRECISION_SPEC})
 # nativert precision -> the CPU plugin's OPTIMIZATION_CAPABILITIES entry that makes it real.
-CAPABILITIES = {"bf16": "BF16", "fp16": "FP16"}
+CAPABILITIES = {"bf16": "BF16", "fp16": "FP16", "int8": "INT8"}
 # The dtypes the executor binds (the support table keeps every other one out of segments).
-DTYPES = (torch.float32, torch.int64, torch.int32, torch.bool)
-_OV_DTYPES = {"f32": torch.float32, "i64": torch.int64, "i32": torch.int32, "boolean": torch.bool}
+DTYPES = (torch.float32, torch.int64, torch.int32, torch.bool, torch.uint8, torch.int8)
+_OV_DTYPES = {
+    "f32": torch.float32,
+    "i64": torch.int64,
+    "i32": torch.int32,
+    "boolean": torch.bool,
+    "u8": torch.uint8,
+    "i8": torch.int8,
+}
 
 
 def to_torch_dtype(element_type: Any) -> torch.dtype | None:
@@ -59,9 +67,10 @@ def check_values(values: Mapping[str, Any]) -> None:
     ):
         raise ValueError(f"compile spec {THREADS!r} must be an int from 1 to 1024, got {threads!r}")
     precision = values.get(PRECISION_SPEC, "fp32")
-    if precision not in PRECISIONS:
+    if precision not in SPEC_PRECISIONS:
         raise ValueError(
-            f"compile spec {PRECISION_SPEC!r} must be one of {list(PRECISIONS)}, got {precision!r}"
+            f"compile spec {PRECISION_SPEC!r} must be one of {list(SPEC_PRECISIONS)}, got "
+            f"{precision!r}"
         )
 
 
@@ -101,21 +110,25 @@ def options(compile_specs: Sequence[CompileSpec]) -> dict[str, Any]:
     return values
 
 
-def _frontend_spelling(program: ExportedProgram) -> torch.fx.GraphModule:
+def _frontend_spelling(program: ExportedProgram, int8: bool = False) -> torch.fx.GraphModule:
     """The segment's graph module, spelled the way OpenVINO's FX frontend converts it:
     - `reshape` as `view`: lowering turns a segment's views into reshapes
       (lowering._views_to_reshapes), and the frontend converts only `view` (to a Reshape,
       which has no strides to check);
     - `layer_norm` and `group_norm` (kept whole by decomposition for the runtimes that fuse
       them) as output 0 of `native_layer_norm` / `native_group_norm`, which it converts to
-      the same MVN-based subgraph (group_norm with static shapes: the support table checks)."""
+      the same MVN-based subgraph (group_norm with static shapes: the support table checks);
+    - PT2E's quantize / dequantize (see _spell_quantized)."""
     targets = {aten.reshape.default, aten.layer_norm.default, aten.group_norm.default}
+    targets |= QUANTIZE_OPS | DEQUANTIZE_OPS
     if not any(n.target in targets for n in program.graph.nodes):
         return program.graph_module
     gm = copy_graph_module(program)
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.target is aten.reshape.default:
+        if node.target in QUANTIZE_OPS or node.target in DEQUANTIZE_OPS:
+            _spell_quantized(graph, node, int8)
+        elif node.target is aten.reshape.default:
             node.target = aten.view.default
         elif node.target in (aten.layer_norm.default, aten.group_norm.default):
             with graph.inserting_before(node):
@@ -127,6 +140,65 @@ def _frontend_spelling(program: ExportedProgram) -> torch.fx.GraphModule:
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _spell_quantized(graph: torch.fx.Graph, node: torch.fx.Node, int8: bool) -> None:
+    """Rewrite one quantize / dequantize so that OpenVINO computes what PyTorch does.
+
+    The frontend turns a quantize into a FakeQuantize (quantize and dequantize in one, in
+    float) and passes a dequantize through, which is right for activations (quantize ->
+    dequantize pairs) but leaves an int8 weight undequantized. So with `int8` a dequantize
+    of anything but a quantize becomes its arithmetic, `(float(q) - zero_point) * scale`,
+    the form OpenVINO's low-precision transformations take as int8 weights. Without `int8`
+    (the accuracy guard's fp32 fallback) both become arithmetic on float32 values, which
+    OpenVINO computes as PyTorch does, up to summation order (a value on a rounding boundary
+    may land one quantization step away)."""
+    source = node.args[0]
+    pair = (  # a quantize read only by dequantizes in the segment, or such a dequantize
+        node.target in QUANTIZE_OPS
+        and all(u.target in DEQUANTIZE_OPS for u in node.users)
+        or isinstance(source, torch.fx.Node)
+        and source.target in QUANTIZE_OPS
+        and all(u.target in DEQUANTIZE_OPS for u in source.users)
+    )
+    if int8 and pair:
+        return  # the frontend's FakeQuantize
+    channel = node.target is torch.ops.quantized_decomposed.dequantize_per_channel.default
+    scale, zero_point = node.args[1:3]
+    val = node.meta["val"]
+    rank = source.meta["val"].dim() if isinstance(source, torch.fx.Node) else 0
+    fake = source.meta["val"]
+
+    def call(target: Any, args: tuple, kwargs: dict | None = None, like: Any = None) -> Any:
+        new = graph.call_function(target, args, kwargs or {})
+        new.meta["val"] = like if like is not None else torch.empty_like(fake, dtype=torch.float32)
+        return new
+
+    with graph.inserting_before(node):
+        if channel:  # scales / zero points along `axis`
+            axis = node.args[3] % rank
+            shape = [-1 if d == axis else 1 for d in range(rank)]
+            scale = call(aten.view.default, (scale, shape), like=scale.meta["val"].view(shape))
+            zp = call(
+                aten._to_copy.default,
+                (zero_point,),
+                {"dtype": torch.float32},
+                like=torch.empty_like(zero_point.meta["val"], dtype=torch.float32),
+            )
+            zero_point = call(aten.view.default, (zp, shape), like=zp.meta["val"].view(shape))
+        if node.target in DEQUANTIZE_OPS:
+            as_float = call(aten._to_copy.default, (source,), {"dtype": torch.float32})
+            centred = call(aten.sub.Tensor, (as_float, zero_point))
+            result = call(aten.mul.Tensor, (centred, scale), like=val)
+        else:  # clamp(round(x / scale) + zero_point, quant_min, quant_max), as PyTorch does
+            quant_min, quant_max, dtype = node.args[3:6]
+            scaled = call(aten.mul.Tensor, (source, 1.0 / scale))
+            rounded = call(aten.round.default, (scaled,))
+            shifted = call(aten.add.Tensor, (rounded, zero_point))
+            clamped = call(aten.clamp.default, (shifted, quant_min, quant_max))
+            result = call(aten._to_copy.default, (clamped,), {"dtype": dtype}, like=val)
+    node.replace_all_uses_with(result)
+    graph.erase_node(node)
 
 
 def _native_norm(node: torch.fx.Node) -> tuple[Any, tuple[Any, ...]]:
@@ -159,7 +231,7 @@ def _bound(node: torch.fx.Node, names: Sequence[str], defaults: Mapping[str, Any
     return bound
 
 
-def _frontend_convert(program: ExportedProgram) -> Any:
+def _frontend_convert(program: ExportedProgram, int8: bool) -> Any:
     """The segment as an ov.Model whose Parameters are the segment's placeholders."""
     from openvino._offline_transformations import (
         apply_fused_names_cleanup,
@@ -180,7 +252,10 @@ def _frontend_convert(program: ExportedProgram) -> Any:
     frontend = FrontEndManager().load_by_framework("pytorch")
     # The decoder must outlive convert(): the C++ side calls back into it.
     decoder = TorchFXPythonDecoder(
-        _frontend_spelling(program), input_shapes=shapes, input_types=types, dynamic_shapes=False
+        _frontend_spelling(program, int8),
+        input_shapes=shapes,
+        input_types=types,
+        dynamic_shapes=False,
     )
     model = frontend.convert(frontend.load(decoder))
     apply_moc_transformations(model, cf=False, smart_reshape=True)
@@ -204,12 +279,12 @@ def convert_segment(program: ExportedProgram, compile_specs: Sequence[CompileSpe
     """The segment as a weight-free payload (see the module docstring)."""
     import openvino as ov
 
-    options(compile_specs)
+    int8 = options(compile_specs).get(PRECISION_SPEC) == INT8
     weight_names(program)  # refuses input kinds nativert cannot lower
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = _frontend_convert(program)
+            model = _frontend_convert(program, int8)
     except Exception as exc:
         first = str(exc).strip().splitlines()
         raise DelegateCompileError(

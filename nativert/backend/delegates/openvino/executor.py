@@ -90,9 +90,14 @@ class OpenVinoExecutor(StagedWeights):
         self._name = "openvino"
         values = options(compile_specs)
         threads = values.get(THREADS) or torch.get_num_threads()
-        precision = {"fp32": ov.Type.f32, "bf16": ov.Type.bf16, "fp16": ov.Type.f16}[
-            values.get(PRECISION_SPEC, "fp32")
-        ]
+        # int8: its low-precision transformations pick int8 kernels for the quantized
+        # patterns (convert.py); the rest computes in f32.
+        precision = {
+            "fp32": ov.Type.f32,
+            "int8": ov.Type.f32,
+            "bf16": ov.Type.bf16,
+            "fp16": ov.Type.f16,
+        }[values.get(PRECISION_SPEC, "fp32")]
         self._config = {
             ov.properties.hint.inference_precision: precision,
             ov.properties.hint.performance_mode: ov.properties.hint.PerformanceMode.LATENCY,

@@ -85,9 +85,20 @@ NUMERIC = frozenset({torch.float32, torch.int32})
 INTEGRAL = frozenset({torch.int32, torch.bool})
 ANY = frozenset({torch.float32, torch.int32, torch.bool})
 
+# PT2E's quantize / dequantize with constant qparams (the frontend's FakeQuantize; weights
+# dequantized as arithmetic: convert.py). Delegated only with the ops they quantize.
+_qd = torch.ops.quantized_decomposed
+QDQ = (
+    _qd.quantize_per_tensor.default,
+    _qd.dequantize_per_tensor.default,
+    _qd.dequantize_per_channel.default,
+)
+QUANTIZED = frozenset({torch.float32, torch.uint8, torch.int8})
+
 # op -> the dtypes its tensors may have (besides int64 where INT64_* allow it).
 DTYPES: dict[torch._ops.OpOverload, frozenset[torch.dtype]] = {
     **dict.fromkeys(PRESERVED, FLOAT),
+    **dict.fromkeys(QDQ, QUANTIZED),
     aten.topk.default: FLOAT,
     aten.index.Tensor: ANY,
     # elementwise, unary
@@ -199,6 +210,8 @@ INDICES = frozenset({torch.int32, torch.int64})
 # Arguments that may have other dtypes than the op's data (op -> position or keyword -> dtypes):
 # indices, which may be int64 (their values are bounded by a size), and attention masks.
 ARG_DTYPES: dict[torch._ops.OpOverload, dict[int | str, frozenset[torch.dtype]]] = {
+    # zero points: int64 buffers of int8 values, dequantized as float (convert.py)
+    _qd.dequantize_per_channel.default: {2: frozenset({torch.int64, torch.int32})},
     aten.embedding.default: {1: INDICES, "indices": INDICES},
     aten.index_select.default: {2: INDICES, "index": INDICES},
     aten.gather.default: {2: INDICES, "index": INDICES},
