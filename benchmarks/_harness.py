@@ -76,17 +76,25 @@ def write(name: str, result: dict, lines: list[str]) -> None:
 _NP = {torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32}
 
 
+def plain_onnx(model, inputs) -> bytes:
+    """The whole fp32 model through torch.onnx.export, as an ORT user exports it."""
+    onnx_program = torch.onnx.export(torch.export.export(model, inputs), dynamo=True, verbose=False)
+    return onnx_program.model_proto.SerializeToString()
+
+
 def plain_ort_runner(model, inputs, expected):
     """The whole model in one ONNX Runtime session, called as an ORT user would (IOBinding,
     fresh output per call). `expected`: the eager output (its shape and dtype)."""
+    return ort_session_runner(plain_onnx(model, inputs), inputs, expected)
+
+
+def ort_session_runner(onnx_model: bytes, inputs, expected):
+    """One ORT session over `onnx_model`, called with IOBinding and a fresh output."""
     import onnxruntime as ort
 
-    onnx_program = torch.onnx.export(torch.export.export(model, inputs), dynamo=True, verbose=False)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(
-        onnx_program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     (out_name,) = [o.name for o in session.get_outputs()]
     binding = session.io_binding()

@@ -24,6 +24,18 @@ Lower precision (each column's error against fp32 eager is reported beside it):
   aoti_bf16          AOTInductor of the model in bf16 (float inputs cast in, outputs out)
   nativert_bf16      nativert.Executor(nativert.to_backend(ep, precision="bf16"))
   nativert_bf16_autotune  the same with autotune=True
+int8 (`--int8`; one PT2E program per model: nativert.quantize, X86InductorQuantizer, calibrated
+on 8 batches, the example and 7 noisy copies of its float inputs):
+  nativert_int8      nativert.Executor(nativert.to_backend(quantized program))
+  nativert_int8_autotune  the same with autotune=True (onnxruntime, openvino, aoti, pytorch)
+  inductor_int8      torch.compile(quantized program.module()) with freezing=True (what
+                     inductor's x86 int8 lowering needs)
+  ort_dynamic        onnxruntime.quantization.quantize_dynamic of the fp32 ONNX model
+                     (defaults: int8 weights, dynamic activations)
+  ort_static         onnxruntime.quantization.quantize_static (QDQ, per-channel, defaults)
+                     of the fp32 ONNX model on the same calibration batches
+  openvino_nncf      nncf.quantize of the fp32 OpenVINO model on the same batches
+                     (OpenVINO's int8 flow; needs nncf)
 Per model and way: compile time, median and min latency (over rounds of `runs` calls),
 speed-up over eager, max abs error against eager, or the failure. Writes
 benchmarks/results/suite.{json,md}.
@@ -165,6 +177,126 @@ def nativert_bf16_autotune(model, inputs, expected):
     return nativert_bf16(model, inputs, expected, autotune=True)
 
 
+_QUANTIZED: dict = {}
+
+
+def _calibration(inputs, count=8):
+    """The example inputs and noisy copies of their float tensors."""
+    generator = torch.Generator().manual_seed(1)
+    batches = [inputs]
+    for _ in range(count - 1):
+        batches.append(
+            tuple(
+                x + 0.1 * torch.randn(x.shape, generator=generator) if x.is_floating_point() else x
+                for x in inputs
+            )
+        )
+    return batches
+
+
+def quantized_program(model, inputs):
+    """The model's PT2E int8 program (made once per model)."""
+    if _QUANTIZED.get("model") is not model:
+        _QUANTIZED.update(model=model, program=nativert.quantize(model, _calibration(inputs)))
+    return _QUANTIZED["program"]
+
+
+def nativert_int8(model, inputs, expected, autotune=False):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        program = nativert.to_backend(
+            quantized_program(model, inputs), autotune=autotune, cache_dir=cache
+        )
+    executor = nativert.Executor(program)
+    print(nativert.delegation_report(program), flush=True)
+    return lambda: executor(*inputs)
+
+
+def nativert_int8_autotune(model, inputs, expected):
+    return nativert_int8(model, inputs, expected, autotune=True)
+
+
+def inductor_int8(model, inputs, expected):
+    from torch._inductor import config
+
+    compiled = torch.compile(quantized_program(model, inputs).module())
+    with config.patch(freezing=True), torch.no_grad():
+        compiled(*inputs)  # compiles, frozen
+    return lambda: compiled(*inputs)
+
+
+def _ort_quantized(model, inputs, expected, static):
+    import tempfile
+
+    from _harness import ort_session_runner, plain_onnx
+    from onnxruntime import quantization as q
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self, names):
+            self.batches = iter(
+                [
+                    {n: x.numpy() for n, x in zip(names, b, strict=True)}
+                    for b in _calibration(inputs)
+                ]
+            )
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as directory:
+        fp32, int8 = f"{directory}/fp32.onnx", f"{directory}/int8.onnx"
+        Path(fp32).write_bytes(plain_onnx(model, inputs))
+        if static:
+            import onnx
+
+            names = [i.name for i in onnx.load(fp32, load_external_data=False).graph.input]
+            q.quantize_static(
+                fp32, int8, Reader(names), quant_format=q.QuantFormat.QDQ, per_channel=True
+            )
+        else:
+            q.quantize_dynamic(fp32, int8)
+        return ort_session_runner(Path(int8).read_bytes(), inputs, expected)
+
+
+def ort_dynamic(model, inputs, expected):
+    return _ort_quantized(model, inputs, expected, static=False)
+
+
+def ort_static(model, inputs, expected):
+    return _ort_quantized(model, inputs, expected, static=True)
+
+
+def openvino_nncf(model, inputs, expected):
+    import nncf
+    import openvino as ov
+
+    converted = ov.convert_model(torch.export.export(model, inputs))
+    names = [p.get_any_name() for p in converted.inputs]
+    dataset = nncf.Dataset(
+        [{n: x.numpy() for n, x in zip(names, b, strict=True)} for b in _calibration(inputs)]
+    )
+    quantized = nncf.quantize(converted, dataset)
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    request = ov.Core().compile_model(quantized, "CPU", config).create_infer_request()
+
+    def run():
+        outputs = request.infer([x.numpy() for x in inputs], share_inputs=True)
+        return torch.from_numpy(outputs[0])
+
+    return run
+
+
+INT8_WAYS = {
+    "inductor_int8": inductor_int8,
+    "ort_dynamic": ort_dynamic,
+    "ort_static": ort_static,
+    "openvino_nncf": openvino_nncf,
+    "nativert_int8": nativert_int8,
+    "nativert_int8_autotune": nativert_int8_autotune,
+}
+INT8_PEERS = ("inductor_int8", "ort_dynamic", "ort_static", "openvino_nncf")
+
 WAYS = {
     "inductor": inductor,
     "plain_ort": plain_ort_runner,
@@ -201,13 +333,13 @@ def _failure(exc: BaseException) -> str:
     return line(exc) if root is exc else f"{line(exc)} (cause: {line(root)})"
 
 
-def bench_model(name: str, args) -> dict:
+def bench_model(name: str, args, ways: dict = WAYS) -> dict:
     model, inputs = make(name)
     with torch.no_grad():
         expected = model(*inputs)
     cases = {"eager": lambda: model(*inputs)}
     result: dict = {"compile_s": {}, "failures": {}, "max_abs_error": {}, "rel_error": {}}
-    for way, build in WAYS.items():
+    for way, build in ways.items():
         torch._dynamo.reset()
         start = time.perf_counter()
         try:
@@ -281,6 +413,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--models", default=",".join(SUITE))
     parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="the int8 ways (with eager, inductor, plain_ort and nativert_executor in fp32); "
+        "writes results/suite_int8.{json,md}",
+    )
+    parser.add_argument(
         "--render", metavar="JSON", help="write the tables of an earlier run's json again"
     )
     args = parser.parse_args()
@@ -292,10 +430,16 @@ def main() -> None:
         return
     warnings.filterwarnings("ignore")
     names = [m for m in args.models.split(",") if m]
-    results = {name: bench_model(name, args) for name in names}
+    ways = WAYS
+    if args.int8:
+        fp32 = ("inductor", "plain_ort", "nativert_executor")
+        ways = {**{w: WAYS[w] for w in fp32}, **INT8_WAYS}
+    results = {name: bench_model(name, args, ways) for name in names}
     command = f"python benchmarks/suite.py --runs {args.runs} --rounds {args.rounds}"
     if args.models != ",".join(SUITE):
         command += f" --models {args.models}"
+    if args.int8:
+        command += " --int8"
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "command": command,
@@ -308,7 +452,61 @@ def main() -> None:
     render(report)
 
 
+def render_int8(report: dict) -> None:
+    results, command = report["models"], report["command"]
+    ways = ["eager", "inductor", "plain_ort", "nativert_executor", *INT8_WAYS]
+    lines = [
+        f"# nativert int8 benchmark ({report['date']})",
+        "",
+        f"`{command}` on {report['machine']}; torch {report['torch']}, onnxruntime "
+        f"{report['onnxruntime']}, openvino {report['openvino']}. Inference. Each cell: median "
+        "latency (speed-up over fp32 eager). eager, inductor, plain_ort and nativert_executor "
+        "are fp32; the rest int8 (see the suite.py docstring).",
+        "",
+        "| model | " + " | ".join(ways) + " |",
+        "|---|" + "---|" * len(ways),
+    ]
+    for name, r in results.items():
+        cells = [
+            "failed"
+            if w in r["failures"]
+            else f"{_latency(r['median_us'][w])} (x{r['speedup_vs_eager'][w]:.2f})"
+            for w in ways
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    title = (
+        "Against the fastest int8 peer (peer latency / nativert latency; >= 1.00: nativert "
+        "is at least as fast):"
+    )
+    ours = ["nativert_int8", "nativert_int8_autotune"]
+    lines += ["", *_versus_peers(results, INT8_PEERS, ours, title)]
+    errors = [w for w in ways if w != "eager"]
+    lines += [
+        "",
+        "Relative error against fp32 eager (max |error| / max |output|):",
+        "",
+        "| model | " + " | ".join(errors) + " |",
+        "|---|" + "---|" * len(errors),
+    ]
+    for name, r in results.items():
+        cells = [f"{r['rel_error'][w]:.1e}" if w in r["rel_error"] else "failed" for w in errors]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Compile time (s):", ""]
+    lines += ["| model | " + " | ".join(errors) + " |", "|---|" + "---|" * len(errors)]
+    for name, r in results.items():
+        cells = [f"{r['compile_s'][w]:.1f}" if w in r["compile_s"] else "failed" for w in errors]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    failures = [(n, w, f) for n, r in results.items() for w, f in r["failures"].items()]
+    if failures:
+        lines += ["", "Failures:", ""]
+        lines += [f"- {n} / {w}: {f}" for n, w, f in failures]
+    write("suite_int8", report, lines)
+
+
 def render(report: dict) -> None:
+    if report["command"].endswith("--int8"):
+        render_int8(report)
+        return
     results, command = report["models"], report["command"]
     ways = ["eager", *WAYS]
     lines = [

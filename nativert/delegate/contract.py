@@ -223,6 +223,13 @@ class Delegate(abc.ABC):
         values; an executor checks the weights it is given too). Default: any."""
         return None
 
+    def weights_in_payload(self, compile_specs: Mapping[str, JSONValue]) -> bool:
+        """Whether a payload compiled with these specs embeds the segment's weight values
+        (aoti's int8 segments: inductor freezes them). Such payloads are never cached (the
+        key covers no weight values), and their executors run only those weights. Default:
+        False, the contract's norm (weights come from the program)."""
+        return False
+
     def check_payload(self, payload: bytes) -> None:
         """Raise ValueError if `payload`, from a package nobody vouches for, must not be
         loaded (e.g. it points the runtime at files); called by `nativert.load`. The

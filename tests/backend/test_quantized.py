@@ -262,3 +262,32 @@ def test_quantize_prints_nothing():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
     assert done.stderr == ""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not nativert.get_delegate("aoti").is_available(), reason="no C++ compiler")
+def test_aoti_int8_freezes_its_weights_and_refuses_other_ones(tmp_path):
+    """Inductor's int8 kernels need freezing: the payload embeds the weights, is never
+    cached, and its executor takes only those weights back."""
+    program, x = _quantized("mlp", scheme="x86_reduce_range")
+    cache = tmp_path / "cache"
+    # accuracy: oneDNN requantizes between layers where eager stays fp32 (measured 1.6%
+    # on an AVX2 CPU): over the default budget of 1%
+    delegated = nativert.to_backend(program, delegates=["aoti"], accuracy=0.05, cache_dir=cache)
+    report, regions = _regions(delegated)
+    assert [r.precision for r in regions.values()] == ["int8"], report
+    (lowered,) = nativert.lowered_modules(delegated)
+    assert nativert.get_delegate("aoti").weights_in_payload({"precision": "int8"})
+    assert not any(p.is_file() for p in cache.rglob("*"))  # nothing cached
+    executor = nativert.Executor(delegated)
+    with torch.no_grad():
+        expected = program.module()(x)
+    assert rel_err(executor(x), expected) < 0.05
+    same = {k: v.clone() for k, v in delegated.state_dict.items()}
+    executor.update_weights(same)  # the weights it froze in: accepted
+    other = dict(same)
+    name = next(k for k, v in same.items() if v.dtype == torch.int8)
+    other[name] = same[name] // 2
+    with pytest.raises(nativert.WeightsError, match="frozen into its compiled library"):
+        executor.update_weights(other)
+    assert rel_err(executor(x), expected) < 0.05  # nothing changed

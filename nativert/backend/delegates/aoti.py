@@ -28,6 +28,15 @@ once (and again after a weight swap, on the first call) instead of on every call
 bf16 on every CPU (where the CPU has no bf16 instructions inductor emulates them, slower than
 fp32: autotune measures) and fp16 where CUDA is available.
 
+int8: a region of a PT2E-quantized program (the `int8` precision spec, from the partitioner)
+compiles with `freezing=True` under no_grad: inductor's x86 int8 lowering (oneDNN's
+quantized linear and conv) happens only then, and it folds the weights into prepacked
+constants of the library. Such a payload embeds its weights (with their digest): it is
+never cached, it needs the caller's trust like every aoti payload, and its executor runs
+only the weights it was compiled with (a swap to other weights raises WeightsError; lower
+again, or use onnxruntime/openvino for quantized regions whose weights change). Without the
+spec a quantized region computes its Q/DQ arithmetic in fp32, as PyTorch does.
+
 AOTInductor compiles take seconds, so `aoti` is not a default candidate: name it
 (`CapabilityPartitioner(["onnxruntime", "aoti"])`, `options={"delegates": [...]}`).
 """
@@ -35,8 +44,10 @@ AOTInductor compiles take seconds, so `aoti` is not a default candidate: name it
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
+import platform
 import shutil
 import tempfile
 import threading
@@ -48,9 +59,16 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
-from nativert._program import placeholder_values, unalias_outputs, validate_weights, weight_names
+from nativert._program import (
+    placeholder_values,
+    unalias_outputs,
+    validate_weights,
+    weight_names,
+    weight_tensor,
+)
 from nativert.delegate import (
     FP32,
+    INT8,
     PRECISION_SPEC,
     TORCH_DTYPES,
     Availability,
@@ -67,6 +85,32 @@ _FIXED_CONFIG = {
 }
 _MODEL_DIR = "/data/aotinductor/"
 _FOLDED_PREFIX = "_FOLDED_CONST_"
+# int8: inductor's x86 int8 lowering (oneDNN's quantized kernels) happens only with freezing,
+# which folds the weights into prepacked constants of the library: they go in the payload,
+# with the digest of the weights they came from.
+_INT8_CONFIG = {"freezing": True, "aot_inductor.package_constants_in_so": True}
+_WEIGHTS_DIGEST = "nativert/frozen_weights.sha256"
+
+
+def weights_digest(names: Sequence[str], weights: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over each weight's name, dtype, shape and bytes, in order."""
+    digest = hashlib.sha256()
+    for name in names:
+        tensor = weights[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _frozen_digest(payload: bytes) -> str | None:
+    """The digest of the weights an int8 payload froze in, None for other payloads."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+            if _WEIGHTS_DIGEST not in archive.namelist():
+                return None
+            return archive.read(_WEIGHTS_DIGEST).decode()
+    except zipfile.BadZipFile:
+        return None  # _load_runner says what is wrong with it
 
 
 def _segment_device(program: ExportedProgram) -> torch.device:
@@ -175,6 +219,13 @@ class AotiExecutor(StagedWeights):
         ]
         self._device = _segment_device(reference)
         self._runner = _load_runner(payload, self._device)
+        # An int8 payload runs the weights it froze in, and only those (see process_weights).
+        self._frozen = _frozen_digest(payload)
+        if self._frozen is not None:
+            self._constants: dict[str, str] = {}
+            self._swap_lock = _ReadWriteLock()
+            self._init_state(active=None if self.weight_names else _Snapshot(()))
+            return
         fqns = {
             name: fqn
             for name, fqn in self._runner.get_constant_names_to_original_fqns().items()
@@ -200,6 +251,13 @@ class AotiExecutor(StagedWeights):
             raise WeightsError(
                 f"delegate 'aoti': weights {wrong} are not on {self._device}, where this "
                 "segment was compiled; move them there"
+            )
+        if self._frozen is not None and weights_digest(self.weight_names, weights) != self._frozen:
+            raise WeightsError(
+                "delegate 'aoti': this int8 segment's weights are frozen into its compiled "
+                "library (inductor's int8 kernels need freezing), so it runs only the weights "
+                "it was lowered with. Lower the program again with the new weights, or lower "
+                "quantized regions to onnxruntime or openvino, whose weights swap"
             )
         snapshot = _Snapshot(tuple(weights[n].detach() for n in self.weight_names))
         buffer = {
@@ -317,7 +375,12 @@ class AotiDelegate(Delegate):
     fast_compile = False
 
     def precisions(self) -> tuple[str, ...]:
-        return (FP32, "bf16", *(("fp16",) if torch.cuda.is_available() else ()))
+        fp16 = ("fp16",) if torch.cuda.is_available() else ()
+        int8 = (INT8,) if platform.machine().lower() in ("x86_64", "amd64") else ()
+        return (FP32, "bf16", *fp16, *int8)
+
+    def weights_in_payload(self, compile_specs: Mapping[str, Any]) -> bool:
+        return compile_specs.get(PRECISION_SPEC, FP32) == INT8
 
     def check_compile_specs(self, specs: Mapping[str, Any]) -> None:
         from torch._inductor import config
@@ -354,7 +417,9 @@ class AotiDelegate(Delegate):
             raise DelegateCompileError(f"aoti: compile specs {fixed} are set by the delegate")
         config.update(_FIXED_CONFIG)
         precision = config.pop(PRECISION_SPEC, FP32)
-        if precision != FP32:
+        if precision == INT8:
+            config.update(_INT8_CONFIG)
+        elif precision != FP32:
             from nativert.passes.lower_precision import lower_precision
 
             try:
@@ -370,7 +435,9 @@ class AotiDelegate(Delegate):
             try:
                 # Outside any caller's tracing (torch.compile lowers under Dynamo's): its
                 # fake mode is not this compile's, and constant folding meets real weights.
-                with torch._guards.tracing(None), _real_constants_allowed(program):
+                # int8: freezing folds weights only where no gradient is recorded.
+                grad = torch.no_grad() if precision == INT8 else contextlib.nullcontext()
+                with torch._guards.tracing(None), _real_constants_allowed(program), grad:
                     torch._inductor.aoti_compile_and_package(
                         program, package_path=path, inductor_configs=config
                     )
@@ -379,6 +446,11 @@ class AotiDelegate(Delegate):
                     f"aoti_compile_and_package failed: {type(exc).__name__}: "
                     f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
                 ) from exc
+            if precision == INT8:
+                names = weight_names(program)
+                digest = weights_digest(names, {n: weight_tensor(program, n) for n in names})
+                with zipfile.ZipFile(path, "a") as archive:
+                    archive.writestr(_WEIGHTS_DIGEST, digest)
             with open(path, "rb") as f:
                 return f.read()
 

@@ -49,7 +49,8 @@ def compile_segment(
             f"({ops_summary(segment)}) with its weights: {exc}"
         ) from exc
     key = None
-    if not delegate.cacheable:
+    specs = {s.key: s.value for s in spec.compile_specs}
+    if not delegate.cacheable or delegate.weights_in_payload(specs):
         cache = None  # its payload may depend on more than the key (e.g. weight values)
     if cache is not None:
         versions = {"delegate": delegate.version, **delegate.toolchain()}
