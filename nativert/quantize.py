@@ -122,17 +122,51 @@ def quantize(
             ).module()
         else:
             raise TypeError(f"model must be an nn.Module or ExportedProgram, got {type(model)}")
+        # Dead code first: X86InductorQuantizer's linear+unary matcher fails on a dead one
+        # (IndexError), e.g. BERT's pooler when only the last hidden state is returned.
+        graph_module.graph.eliminate_dead_code()
+        graph_module.recompile()
         quantizer = x86.X86InductorQuantizer()
         config = x86.get_default_x86_inductor_quantization_config(
             reduce_range=scheme == "x86_reduce_range"
         )
         quantizer.set_global(config)
-        prepared = quantize_pt2e.prepare_pt2e(graph_module, quantizer)
+        try:
+            prepared = quantize_pt2e.prepare_pt2e(graph_module, quantizer)
+        except Exception as exc:  # torchao's pattern matching: say whose step failed
+            raise NativertError(
+                f"nativert.quantize: torchao's X86InductorQuantizer could not annotate this "
+                f"model ({type(exc).__name__}: {exc or 'no message'}, in prepare_pt2e). "
+                "Quantize it with a quantizer of your own (prepare_pt2e / convert_pt2e) and "
+                "pass the program to to_backend"
+            ) from exc
         with torch.no_grad():
             for batch in batches:
                 prepared(*batch)
         converted = quantize_pt2e.convert_pt2e(prepared, fold_quantize=True)
+        _drop_unused_weights(converted)
         return torch.export.export(converted, batches[0], dynamic_shapes=dynamic_shapes)
+
+
+def _drop_unused_weights(graph_module: torch.fx.GraphModule) -> None:
+    """Delete the parameters and buffers no node reads: convert_pt2e folds each quantized
+    weight into a new int8 constant and leaves the fp32 original on the module, which export
+    would lift as an unused input (4x the int8 weight's bytes, held and saved for nothing)."""
+    for node in graph_module.graph.nodes:  # export's _guards_fn holds no weights
+        if node.op == "call_module":
+            called = graph_module.get_submodule(node.target)
+            if any(True for _ in called.parameters()) or any(True for _ in called.buffers()):
+                return  # a submodule reads weights of its own: leave them all
+    graph_module.graph.eliminate_dead_code()
+    read = {n.target for n in graph_module.graph.nodes if n.op == "get_attr"}
+    for kind in ("parameters", "buffers"):
+        for name, _ in list(getattr(graph_module, f"named_{kind}")()):
+            if name in read:
+                continue
+            owner_name, _, attr = name.rpartition(".")
+            owner = graph_module.get_submodule(owner_name) if owner_name else graph_module
+            delattr(owner, attr)
+    graph_module.recompile()
 
 
 def _dynamic_shapes_of(program: ExportedProgram) -> Any:

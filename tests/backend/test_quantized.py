@@ -77,6 +77,9 @@ def test_quantize_makes_a_pt2e_program_with_int8_weights(quantized_mlp):
     int8 = [t for t in program.state_dict.values() if t.dtype == torch.int8]
     int8 += [t for t in program.constants.values() if t.dtype == torch.int8]
     assert len(int8) == 2  # one per linear
+    # the fp32 originals of the int8 weights are gone (convert_pt2e leaves them unused)
+    weights = [*program.state_dict.values(), *program.constants.values()]
+    assert not [t for t in weights if t.dtype == torch.float32 and t.dim() == 2]
     with torch.no_grad():
         assert rel_err(program.module()(x), mlp()(x)) < 0.05  # quantization error, not a bug
 
@@ -291,3 +294,66 @@ def test_aoti_int8_freezes_its_weights_and_refuses_other_ones(tmp_path):
     with pytest.raises(nativert.WeightsError, match="frozen into its compiled library"):
         executor.update_weights(other)
     assert rel_err(executor(x), expected) < 0.05  # nothing changed
+
+
+def test_bert_returning_its_last_hidden_state_quantizes():
+    """Its pooler (linear + tanh) is dead code there, on which X86InductorQuantizer's
+    matcher fails (IndexError): nativert.quantize removes dead code first."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+    )
+
+    class LastHidden(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = transformers.BertModel(config).eval()
+
+        def forward(self, ids):
+            return self.bert(ids).last_hidden_state
+
+    torch.manual_seed(0)
+    model, ids = LastHidden().eval(), torch.randint(0, 100, (2, 8))
+    program = nativert.quantize(model, [(ids,)])
+    delegated = nativert.to_backend(program)
+    with torch.no_grad():
+        expected = program.module()(ids)
+    assert rel_err(nativert.Executor(delegated)(ids), expected) < INT8_TOLERANCE
+
+
+def test_a_quantizer_failure_names_its_step(monkeypatch):
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+    def fail(self, model):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(x86.X86InductorQuantizer, "annotate", fail)
+    with pytest.raises(nativert.NativertError, match="X86InductorQuantizer could not annotate"):
+        nativert.quantize(mlp(), torch.randn(8, 64))
+
+
+def test_quantized_linears_reach_onnxruntime_in_forms_it_fuses():
+    """A batched quantized linear (and one whose output stays fp32) is exported as a MatMul
+    fed straight by DequantizeLinear, with the transpose on the int8 weight: what ONNX
+    Runtime fuses into MatMulIntegerToFloat (torchlib's MatMul(x, Transpose(W)) it does not)."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    calibration = [torch.randn(2, 8, 32) for _ in range(4)]
+    program = nativert.quantize(model, calibration)
+    delegated = nativert.to_backend(program, compare_with_pytorch=False)
+    (segment,) = nativert.lowered_modules(delegated)
+    graph = onnx.load_from_string(segment.processed_bytes).graph
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == 2
+    assert all(producers.get(i) == "DequantizeLinear" for n in matmuls for i in n.input)
+    x = torch.randn(2, 8, 32)
+    with torch.no_grad():
+        expected = program.module()(x)
+    assert rel_err(nativert.Executor(delegated)(x), expected) < INT8_TOLERANCE

@@ -10,6 +10,7 @@ for saving and caching.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -215,7 +216,8 @@ def _onnx_quantization(program: ExportedProgram, int8: bool) -> ExportedProgram:
       Runtime folds the conversion into the initializer when it builds the session."""
     narrow = [n for n in program.graph.nodes if _narrow_quantize(n)]
     unsigned = [n for n in program.graph.nodes if int8 and _signed_weight_dequantize(n)]
-    if not narrow and not unsigned:
+    batched = [n for n in program.graph.nodes if int8 and _batched_quantized_linear(n)]
+    if not narrow and not unsigned and not batched:
         return program
     gm = copy_graph_module(program)
     graph = gm.graph
@@ -250,9 +252,90 @@ def _onnx_quantization(program: ExportedProgram, int8: bool) -> ExportedProgram:
             at = 1 if node.target is DEQUANTIZE_PER_CHANNEL else 0
             rest[at : at + 3] = [0, 255, torch.uint8]
             node.args = (weight_u8, scale, zero_point, *rest)
+    for node in list(graph.nodes):
+        if node.name in {n.name for n in batched}:
+            _as_matrix_linear(graph, node)
+    graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
     return rebuild_program(program, gm)
+
+
+def _batched_quantized_linear(node: torch.fx.Node) -> bool:
+    """A linear of a dequantized weight on a batched (rank > 2) input, or with an fp32
+    output: torchlib exports the first as MatMul(x, Transpose(W)), and the Transpose between
+    DequantizeLinear and MatMul keeps ONNX Runtime from fusing it into an int8 kernel
+    (measured: the transformer block ran slower in int8 than in fp32); the second as a Gemm
+    it runs in fp32 (see _requantized). Static shapes only."""
+    if node.target is not aten.linear.default or len(node.args) < 2:
+        return False
+    x, weight = node.args[:2]
+    val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+    return (
+        isinstance(weight, torch.fx.Node)
+        and weight.target in (DEQUANTIZE_PER_TENSOR, DEQUANTIZE_PER_CHANNEL)
+        and isinstance(val, torch.Tensor)
+        and (val.dim() > 2 or (val.dim() == 2 and not _requantized(node)))
+        and not any(isinstance(d, torch.SymInt) for d in val.shape)
+    )
+
+
+def _requantized(node: torch.fx.Node) -> bool:
+    """Whether `node`'s output is quantized (directly or after a relu): a Gemm that ONNX
+    Runtime fuses into QGemm. One whose output stays fp32 it leaves an fp32 Gemm (the MLP's
+    last layer), where DequantizeLinear -> MatMul becomes MatMulIntegerToFloat."""
+    users = list(node.users)
+    if len(users) == 1 and users[0].target is aten.relu.default:
+        users = list(users[0].users)
+    return bool(users) and all(u.target is QUANTIZE_PER_TENSOR for u in users)
+
+
+def _as_matrix_linear(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    """`linear(dq(q(x)), dq(w), b)` on an [..., K] input as `mm(dq(q(x2)), dq(w.T)) + b`
+    with `x2 = x.reshape(-1, K)`, reshaped back: a MatMul whose inputs come straight from
+    DequantizeLinear, which ONNX Runtime fuses into its int8 MatMul kernels (the transpose
+    moves onto the int8 weight, which it folds). Q/DQ per tensor commute with reshape, so the
+    values are the same. Activations not from a quantize -> dequantize pair are reshaped
+    after their dequantize."""
+    x, weight_dq = node.args[:2]
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    val, out = x.meta["val"], node.meta["val"]
+    rows, k, n = math.prod(int(d) for d in val.shape[:-1]), int(val.shape[-1]), int(out.shape[-1])
+
+    def fake(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty_like(val, dtype=dtype, memory_format=torch.contiguous_format).new_empty(
+            shape
+        )
+
+    with graph.inserting_before(node):
+        q = x.args[0] if x.target is DEQUANTIZE_PER_TENSOR else None
+        if q is not None and q.target is QUANTIZE_PER_TENSOR and len(q.users) == len(x.users) == 1:
+            flat = graph.call_function(aten.reshape.default, (q.args[0], [rows, k]))
+            flat.meta["val"] = fake([rows, k], q.args[0].meta["val"].dtype)
+            q2 = graph.call_function(q.target, (flat, *q.args[1:]))
+            q2.meta["val"] = fake([rows, k], q.meta["val"].dtype)
+            activation = graph.call_function(x.target, (q2, *x.args[1:]), x.kwargs)
+        else:
+            activation = graph.call_function(aten.reshape.default, (x, [rows, k]))
+        activation.meta["val"] = fake([rows, k], val.dtype)
+        weight = weight_dq.args[0]
+        transposed = graph.call_function(aten.permute.default, (weight, [1, 0]))
+        transposed.meta["val"] = fake([k, n], weight.meta["val"].dtype)
+        args = list(weight_dq.args)
+        args[0] = transposed
+        if weight_dq.target is DEQUANTIZE_PER_CHANNEL:
+            args[3] = 1  # the output channels are now dim 1
+        weight_t = graph.call_function(weight_dq.target, tuple(args), weight_dq.kwargs)
+        weight_t.meta["val"] = fake([k, n], torch.float32)
+        product = graph.call_function(aten.mm.default, (activation, weight_t))
+        product.meta["val"] = fake([rows, n], out.dtype)
+        if bias is not None:
+            product = graph.call_function(aten.add.Tensor, (product, bias))
+            product.meta["val"] = fake([rows, n], out.dtype)
+        shaped = graph.call_function(aten.reshape.default, (product, list(out.shape)))
+    shaped.meta["val"] = out
+    node.replace_all_uses_with(shaped)
+    graph.erase_node(node)
 
 
 def _narrow_quantize(node: torch.fx.Node) -> bool:
