@@ -47,6 +47,7 @@ from nativert._program import copy_graph_module, rebuild_program
 from nativert._program.accuracy import Accuracy, measure_accuracy
 from nativert._program.meta import NOTE_KEY, REASON_KEY, TAG_KEY
 from nativert._program.ops import is_compute, produces_tensors
+from nativert._program.quant import INT8, is_quantized
 from nativert.backend.cache import PayloadCache, cache_root, segment_key
 from nativert.backend.examples import example_user_inputs, node_values, region_args
 from nativert.backend.lowering import compile_segment, hybrid_specs, region_segments
@@ -134,19 +135,26 @@ class Runner:
 
     name: str
     spec: DelegationSpec
+    # Runs quantize/dequantize nodes: even in fp32 a value on a rounding boundary may land
+    # one quantization step away from PyTorch's, so its results are held to the accuracy
+    # budget, not to fp32 rounding.
+    quantized: bool = False
 
     @property
     def precision(self) -> str:
         return spec_precision(self.spec.compile_specs)
 
 
-def runners_for(delegate: Delegate, settings: Settings) -> list[Runner]:
-    """The delegate in fp32 and, where it offers the precision setting's, in that too."""
-    spec = DelegationSpec(delegate.backend_id, settings.specs_for(delegate))
-    fp32 = Runner(delegate.backend_id, in_fp32(spec))
+def runners_for(delegate: Delegate, settings: Settings, quantized: bool = False) -> list[Runner]:
+    """The delegate in fp32 and, where it offers the precision setting's (int8 for a
+    quantized region), in that too."""
+    precision = INT8 if quantized else None
+    spec = DelegationSpec(delegate.backend_id, settings.specs_for(delegate, precision))
+    fp32 = Runner(delegate.backend_id, in_fp32(spec), quantized)
     if spec_precision(spec.compile_specs) == FP32:
         return [fp32]
-    return [fp32, Runner(f"{delegate.backend_id}@{spec_precision(spec.compile_specs)}", spec)]
+    name = f"{delegate.backend_id}@{spec_precision(spec.compile_specs)}"
+    return [fp32, Runner(name, spec, quantized)]
 
 
 def _supports_all(delegate: Delegate, nodes: Sequence[Node]) -> bool:
@@ -187,11 +195,13 @@ def time_interleaved(
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def _check(got: Any, expected: Any, precision: str, budget: float) -> Accuracy | None:
+def _check(
+    got: Any, expected: Any, precision: str, budget: float, quantized: bool = False
+) -> Accuracy | None:
     """Raise DelegateCompileError when outputs computed at `precision` are not PyTorch's:
-    beyond rounding at fp32, beyond `budget` (relative error) below it; the measured
-    accuracy below fp32."""
-    if precision == FP32:
+    beyond rounding at fp32, beyond `budget` (relative error) below it or for a quantized
+    region; the measured accuracy below fp32."""
+    if precision == FP32 and not quantized:
         mismatch = _close(got, expected)
         if mismatch is not None:
             raise DelegateCompileError(f"wrong results: {mismatch}")
@@ -384,7 +394,11 @@ class _Tuner:
         lowered = compile_segment(segment, runner.spec, tag, cache=self.cache)
         run = run_lowered(lowered, args)
         with torch.no_grad():
-            accuracy = _check(run(), expected, runner.precision, self.settings.accuracy)
+            accuracy = _check(
+                run(), expected, runner.precision, self.settings.accuracy, runner.quantized
+            )
+        if runner.precision == FP32:
+            accuracy = None  # the report shows errors of regions below fp32
         return run, RegionPlan(runner.spec, lowered.processed_bytes, accuracy=accuracy)
 
 
@@ -427,11 +441,12 @@ def tune_and_lower(
     flat = example_user_inputs(program, example_inputs)
     delegates = [get_delegate(b) for b in candidate_settings(settings).delegates or ()]
     compute = _tensor_compute(program)
+    quantized = is_quantized(compute)
     whole = [
         r
         for d in delegates
         if compute and _supports_all(d, compute)
-        for r in runners_for(d, settings)
+        for r in runners_for(d, settings, quantized)
     ]
     names = [MIXED, PYTORCH, *(r.name for r in whole)]
     key = _key(program.graph_module.code, flat, whole, settings)
@@ -462,7 +477,8 @@ def _mixed_plan(tuner, result: PartitionResult, flat, delegates, lower) -> Expor
         offered = [d for d in delegates if d.backend_id == default or _supports_all(d, nodes)]
         if default not in [d.backend_id for d in offered]:  # a custom partitioner's choice
             offered.insert(0, get_delegate(default))
-        candidates = [r for d in offered for r in runners_for(d, settings)]
+        quantized = is_quantized(nodes)
+        candidates = [r for d in offered for r in runners_for(d, settings, quantized)]
         args = region_args(values, arg_names)
         decision, compiled = tuner.region(tag, segment, args, default, candidates)
         tuner.report.decisions.append(decision)
@@ -545,7 +561,13 @@ def _choose_plan(tuner, program, mixed, flat, whole, key, known, lower) -> Expor
             if expected is None:
                 expected = outputs  # the reference plan's, which comes first
             else:
-                _check(outputs, expected, _plan_precision(plan), tuner.settings.accuracy)
+                _check(
+                    outputs,
+                    expected,
+                    _plan_precision(plan),
+                    tuner.settings.accuracy,
+                    is_quantized(program.graph.nodes),
+                )
             cases[name] = case
         except Exception as exc:  # a plan that cannot run loses; the mixed plan is a fallback
             failures[name] = _first_line(exc)

@@ -357,3 +357,24 @@ def test_quantized_linears_reach_onnxruntime_in_forms_it_fuses():
     with torch.no_grad():
         expected = program.module()(x)
     assert rel_err(nativert.Executor(delegated)(x), expected) < INT8_TOLERANCE
+
+
+def test_autotune_measures_each_delegate_at_int8_and_fp32(quantized_mlp, tmp_path):
+    """A quantized region's candidates are each delegate at int8 and in fp32 (its Q/DQ
+    arithmetic), all held to the accuracy budget: fp32 Q/DQ may land a value one
+    quantization step from PyTorch's, which is not a wrong result."""
+    from nativert.backend.pipeline import lower_program
+
+    program, x = quantized_mlp
+    delegates = ["onnxruntime"]
+    if nativert.get_delegate("openvino").is_available():
+        delegates.append("openvino")
+    settings = nativert.Settings(delegates=delegates, autotune=True, cache_dir=tmp_path)
+    result = lower_program(program, settings)
+    measured = {m.runner: m for d in result.tuning.decisions for m in d.measurements}
+    assert "onnxruntime@int8" in measured and "onnxruntime" in measured, measured
+    assert measured["onnxruntime@int8"].ms is not None, measured["onnxruntime@int8"]
+    assert not [m for m in measured.values() if "wrong results" in (m.failure or "")]
+    with torch.no_grad():
+        expected = program.module()(x)
+    assert rel_err(nativert.Executor(result.program)(x), expected) < INT8_TOLERANCE

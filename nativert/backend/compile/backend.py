@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
+from nativert._program.quant import is_quantized
 from nativert.backend.autotune import Decision, DecisionCache, candidate_settings
 from nativert.backend.compile.aot import (
     module_weights,
@@ -107,7 +108,8 @@ def nativert_backend(
     if INDUCTOR in names:  # a compile that fails is reported as that candidate's failure
         candidates[INDUCTOR] = _or_failure(builders[INDUCTOR])
     random = draws_random_numbers(gm)  # its runs differ by design: not compared
-    check = None if random else checker(settings.precision, settings.accuracy)
+    quantized = is_quantized(gm.graph.nodes)  # int8 regions differ by a quantization step
+    check = None if random else checker(settings.precision, settings.accuracy, quantized)
     remember = None if cache is None else functools.partial(_remember, cache, key)
     return _Measured(candidates, report, training, check, remember)
 

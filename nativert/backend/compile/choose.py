@@ -209,12 +209,14 @@ def _flat(outputs: Any) -> list[Any]:
     return list(torch.utils._pytree.tree_leaves(outputs))
 
 
-def checker(precision: str, accuracy: float) -> Callable[[list[Any], list[Any]], None]:
-    """Outputs within rounding of PyTorch's at fp32, within `accuracy` below it (as autotune
-    checks its candidates)."""
+def checker(
+    precision: str, accuracy: float, quantized: bool = False
+) -> Callable[[list[Any], list[Any]], None]:
+    """Outputs within rounding of PyTorch's at fp32, within `accuracy` below it or for a
+    quantized graph (as autotune checks its candidates)."""
     from nativert.backend.autotune import _check
 
-    return lambda got, expected: _check(got, expected, precision, accuracy)
+    return lambda got, expected: _check(got, expected, precision, accuracy, quantized)
 
 
 class _restored:
