@@ -28,6 +28,9 @@ int8 (`--int8`; one PT2E program per model: nativert.quantize, X86InductorQuanti
 on 8 batches, the example and 7 noisy copies of its float inputs):
   nativert_int8      nativert.Executor(nativert.to_backend(quantized program))
   nativert_int8_autotune  the same with autotune=True (onnxruntime, openvino, aoti, pytorch)
+  nativert_int8_rr_autotune  autotune on the program quantized with
+                     scheme="x86_reduce_range" (7-bit activations): what OpenVINO's and
+                     oneDNN's int8 kernels need on CPUs without VNNI or AMX
   inductor_int8      torch.compile(quantized program.module()) with freezing=True (what
                      inductor's x86 int8 lowering needs)
   ort_dynamic        onnxruntime.quantization.quantize_dynamic of the fp32 ONNX model
@@ -194,19 +197,22 @@ def _calibration(inputs, count=8):
     return batches
 
 
-def quantized_program(model, inputs):
-    """The model's PT2E int8 program (made once per model)."""
+def quantized_program(model, inputs, scheme="x86"):
+    """The model's PT2E int8 program (made once per model and scheme)."""
     if _QUANTIZED.get("model") is not model:
-        _QUANTIZED.update(model=model, program=nativert.quantize(model, _calibration(inputs)))
-    return _QUANTIZED["program"]
+        _QUANTIZED.clear()
+        _QUANTIZED["model"] = model
+    if scheme not in _QUANTIZED:
+        _QUANTIZED[scheme] = nativert.quantize(model, _calibration(inputs), scheme=scheme)
+    return _QUANTIZED[scheme]
 
 
-def nativert_int8(model, inputs, expected, autotune=False):
+def nativert_int8(model, inputs, expected, autotune=False, scheme="x86"):
     import tempfile
 
     with tempfile.TemporaryDirectory() as cache:
         program = nativert.to_backend(
-            quantized_program(model, inputs), autotune=autotune, cache_dir=cache
+            quantized_program(model, inputs, scheme), autotune=autotune, cache_dir=cache
         )
     executor = nativert.Executor(program)
     print(nativert.delegation_report(program), flush=True)
@@ -215,6 +221,10 @@ def nativert_int8(model, inputs, expected, autotune=False):
 
 def nativert_int8_autotune(model, inputs, expected):
     return nativert_int8(model, inputs, expected, autotune=True)
+
+
+def nativert_int8_rr_autotune(model, inputs, expected):
+    return nativert_int8(model, inputs, expected, autotune=True, scheme="x86_reduce_range")
 
 
 def inductor_int8(model, inputs, expected):
@@ -294,6 +304,7 @@ INT8_WAYS = {
     "openvino_nncf": openvino_nncf,
     "nativert_int8": nativert_int8,
     "nativert_int8_autotune": nativert_int8_autotune,
+    "nativert_int8_rr_autotune": nativert_int8_rr_autotune,
 }
 INT8_PEERS = ("inductor_int8", "ort_dynamic", "ort_static", "openvino_nncf")
 
@@ -478,7 +489,7 @@ def render_int8(report: dict) -> None:
         "Against the fastest int8 peer (peer latency / nativert latency; >= 1.00: nativert "
         "is at least as fast):"
     )
-    ours = ["nativert_int8", "nativert_int8_autotune"]
+    ours = ["nativert_int8", "nativert_int8_autotune", "nativert_int8_rr_autotune"]
     lines += ["", *_versus_peers(results, INT8_PEERS, ours, title)]
     errors = [w for w in ways if w != "eager"]
     lines += [
