@@ -228,9 +228,12 @@ def nativert_int8_rr_autotune(model, inputs, expected):
 
 
 def inductor_int8(model, inputs, expected):
+    import copy
+
     from torch._inductor import config
 
-    compiled = torch.compile(quantized_program(model, inputs).module())
+    # freezing changes the module's tensors in place: a copy, not the program others run
+    compiled = torch.compile(copy.deepcopy(quantized_program(model, inputs).module()))
     with config.patch(freezing=True), torch.no_grad():
         compiled(*inputs)  # compiles, frozen
     return lambda: compiled(*inputs)

@@ -18,6 +18,7 @@ activations per tensor, static):
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
@@ -113,12 +114,14 @@ def quantize(
     batches = _batches(calibration_inputs)
     quantize_pt2e, x86 = _torchao()
     with _quiet_torchao():
+        # A copy: the program must not share tensors with the caller's model (measured: a
+        # later in-place change to one, e.g. by inductor's freezing, changed the other).
         if isinstance(model, ExportedProgram):
             dynamic_shapes = _dynamic_shapes_of(model)
-            graph_module = model.module()
+            graph_module = copy.deepcopy(model.module())
         elif isinstance(model, torch.nn.Module):
             graph_module = torch.export.export(
-                model.eval(), batches[0], dynamic_shapes=dynamic_shapes
+                copy.deepcopy(model).eval(), batches[0], dynamic_shapes=dynamic_shapes
             ).module()
         else:
             raise TypeError(f"model must be an nn.Module or ExportedProgram, got {type(model)}")

@@ -84,6 +84,14 @@ def test_quantize_makes_a_pt2e_program_with_int8_weights(quantized_mlp):
         assert rel_err(program.module()(x), mlp()(x)) < 0.05  # quantization error, not a bug
 
 
+def test_quantize_shares_no_tensor_with_the_model():
+    model = mlp()
+    program = nativert.quantize(model, torch.randn(8, 64))
+    ours = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    theirs = [*program.state_dict.values(), *program.constants.values()]
+    assert not [t for t in theirs if t.untyped_storage().data_ptr() in ours]
+
+
 def test_quantize_refuses_bad_arguments():
     with pytest.raises(ValueError, match="scheme must be one of"):
         nativert.quantize(mlp(), torch.randn(8, 64), scheme="int4")
