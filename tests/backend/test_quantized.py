@@ -18,7 +18,13 @@ from torch import nn
 
 import nativert
 from nativert._program.meta import TAG_KEY
-from nativert._program.quant import QDQ_OPS, QUANTIZE_OPS, quantized_units, split_units
+from nativert._program.quant import (
+    QDQ_OPS,
+    QUANTIZE_OPS,
+    cpu_has_int8_dot,
+    quantized_units,
+    split_units,
+)
 from nativert.backend.package.load import PackageError
 from tests.backend.package.crafting import read_members, write_members
 
@@ -302,6 +308,38 @@ def test_aoti_int8_freezes_its_weights_and_refuses_other_ones(tmp_path):
     with pytest.raises(nativert.WeightsError, match="frozen into its compiled library"):
         executor.update_weights(other)
     assert rel_err(executor(x), expected) < 0.05  # nothing changed
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        return x + self.fc(self.norm(x))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not nativert.get_delegate("aoti").is_available(), reason="no C++ compiler")
+def test_aoti_int8_leaves_its_inputs_alone():
+    """oneDNN's int8 lowering fuses `x + qlinear(x)` into a post-op that writes into x (torch
+    2.13): the caller's input must come back unchanged."""
+    torch.manual_seed(0)
+    model, x = Residual().eval(), torch.randn(2, 16, 32)
+    program = nativert.quantize(model, [torch.randn(2, 16, 32) for _ in range(4)])
+    delegated = nativert.to_backend(
+        program, delegates=["aoti"], accuracy=0.5, cache_dir=None, compare_with_pytorch=False
+    )
+    assert [m.precision for m in nativert.lowered_modules(delegated)] == ["int8"]
+    before = x.clone()
+    with torch.no_grad():
+        expected = program.module()(x)
+    executor = nativert.Executor(delegated)
+    for _ in range(2):
+        got = executor(x)
+        assert torch.equal(x, before)
+    # 8-bit activations: on CPUs without VNNI oneDNN's kernels saturate (15% measured here)
+    assert rel_err(got, expected) < (0.05 if cpu_has_int8_dot() else 0.5)
 
 
 def test_bert_returning_its_last_hidden_state_quantizes():

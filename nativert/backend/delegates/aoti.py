@@ -303,6 +303,11 @@ class AotiExecutor(StagedWeights):
 
     def run_with(self, state: _Snapshot, inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
         tensors = self._check(inputs)
+        if self._frozen is not None:
+            # torch 2.13's oneDNN int8 lowering fuses `x + qlinear(x)` into a "sum" post-op
+            # that writes into x: measured, a transformer block's input changed on every
+            # call. The caller's tensors must not: the library gets copies.
+            tensors = [t.clone() for t in tensors]
         self._swap_lock.acquire_read()
         try:
             if state is self._active:
