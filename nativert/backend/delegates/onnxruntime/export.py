@@ -219,10 +219,13 @@ def _onnx_quantization(program: ExportedProgram, int8: bool) -> ExportedProgram:
     batched = [n for n in program.graph.nodes if int8 and _batched_quantized_linear(n)]
     if not narrow and not unsigned and not batched:
         return program
+    # by name: the rewrite works on a copy of the graph
+    narrow_names, unsigned_names = {n.name for n in narrow}, {n.name for n in unsigned}
+    batched_names = {n.name for n in batched}
     gm = copy_graph_module(program)
     graph = gm.graph
     for node in graph.nodes:
-        if node.name in {n.name for n in narrow}:
+        if node.name in narrow_names:
             x, scale, zero_point, qmin, qmax, dtype = node.args[:6]
             low, high = full_range(dtype)
             with graph.inserting_before(node):
@@ -230,7 +233,7 @@ def _onnx_quantization(program: ExportedProgram, int8: bool) -> ExportedProgram:
                 clamped = graph.call_function(aten.clamp.default, (x, *bounds))
             clamped.meta["val"] = x.meta["val"]
             node.args = (clamped, scale, zero_point, low, high, dtype, *node.args[6:])
-        elif node.name in {n.name for n in unsigned}:
+        elif node.name in unsigned_names:
             weight, scale, zero_point = node.args[:3]
             rest = list(node.args[3:])
             with graph.inserting_before(node):
@@ -253,7 +256,7 @@ def _onnx_quantization(program: ExportedProgram, int8: bool) -> ExportedProgram:
             rest[at : at + 3] = [0, 255, torch.uint8]
             node.args = (weight_u8, scale, zero_point, *rest)
     for node in list(graph.nodes):
-        if node.name in {n.name for n in batched}:
+        if node.name in batched_names:
             _as_matrix_linear(graph, node)
     graph.eliminate_dead_code()
     graph.lint()
