@@ -116,16 +116,20 @@ def nativert_executor(model, inputs, expected):
     return lambda: executor(*inputs)
 
 
-def nativert_autotune(model, inputs, expected):
+def _lowered_executor(program, inputs, **options):
+    """nativert.Executor over `program` lowered with `options`, from an empty payload cache
+    (so compile time includes tuning); prints the delegation report."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as cache:
-        program = nativert.to_backend(
-            torch.export.export(model, inputs), autotune=True, cache_dir=cache
-        )
-    executor = nativert.Executor(program)
-    print(nativert.delegation_report(program), flush=True)
+        lowered = nativert.to_backend(program, cache_dir=cache, **options)
+    executor = nativert.Executor(lowered)
+    print(nativert.delegation_report(lowered), flush=True)
     return lambda: executor(*inputs)
+
+
+def nativert_autotune(model, inputs, expected):
+    return _lowered_executor(torch.export.export(model, inputs), inputs, autotune=True)
 
 
 def openvino_default(model, inputs, expected):
@@ -162,18 +166,8 @@ def aoti_bf16(model, inputs, expected):
 
 
 def nativert_bf16(model, inputs, expected, autotune=False):
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as cache:
-        program = nativert.to_backend(
-            torch.export.export(model, inputs),
-            precision="bf16",
-            autotune=autotune,
-            cache_dir=cache,
-        )
-    executor = nativert.Executor(program)
-    print(nativert.delegation_report(program), flush=True)
-    return lambda: executor(*inputs)
+    program = torch.export.export(model, inputs)
+    return _lowered_executor(program, inputs, precision="bf16", autotune=autotune)
 
 
 def nativert_bf16_autotune(model, inputs, expected):
@@ -208,15 +202,8 @@ def quantized_program(model, inputs, scheme="x86"):
 
 
 def nativert_int8(model, inputs, expected, autotune=False, scheme="x86"):
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as cache:
-        program = nativert.to_backend(
-            quantized_program(model, inputs, scheme), autotune=autotune, cache_dir=cache
-        )
-    executor = nativert.Executor(program)
-    print(nativert.delegation_report(program), flush=True)
-    return lambda: executor(*inputs)
+    program = quantized_program(model, inputs, scheme)
+    return _lowered_executor(program, inputs, autotune=autotune)
 
 
 def nativert_int8_autotune(model, inputs, expected):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
+from nativert._program.quant import QUANTIZE_OPS
 from nativert.delegate.support import SupportTable, all_of, dtypes, static_shapes
 
 aten = torch.ops.aten
@@ -229,9 +230,7 @@ QDQ = (
 def check_qdq(node: Node) -> str | None:
     """float32 on one side, uint8/int8 on the other (a narrow quant range is made exact by
     export.py)."""
-    quantize = "quantize" in node.target._schema.name and "dequantize" not in (
-        node.target._schema.name
-    )
+    quantize = node.target in QUANTIZE_OPS
     data = node.args[0].meta.get("val")
     out = node.meta.get("val")
     floating, quantized = (data, out) if quantize else (out, data)
