@@ -93,6 +93,19 @@ class DelegateRuntime:
                 self._bind_locked(weights())
             return self._executor
 
+    def take(self, weights: Sequence[torch.Tensor]) -> DelegateExecutor | None:
+        """Hand over the built executor if it is bound to exactly `weights` (the same
+        tensors, unchanged), else None. This runtime builds a new one if it is called again.
+        An Executor takes the one lowering built (its trial load) instead of building a
+        second session over the same weights."""
+        with self._lock:
+            key = self._key(weights)
+            if self._executor is None or key is None or key != self._bound_key:
+                return None
+            executor, self._executor = self._executor, None
+            self._bound_refs, self._bound_key = (), None
+            return executor
+
     def run(self, flat_args: Sequence[Any]) -> tuple[torch.Tensor, ...]:
         n = len(self.weight_names)
         with self._lock:  # bind and take the snapshot together: callers with other weights
@@ -273,6 +286,11 @@ class LoweredBackendModule(torch.nn.Module):
                 "nativert.StagedWeights"
             )
         return executor
+
+    @property
+    def runtime(self) -> DelegateRuntime:
+        """The runtime this module's calls (and its views' and copies') run on."""
+        return self._runtime
 
     @property
     def executor(self) -> DelegateExecutor:

@@ -80,6 +80,7 @@ def inspect(args: argparse.Namespace) -> int:
         {"name": path, **_describe(n.meta.get("val"), names)}
         for path, n in zip(paths, output_nodes, strict=True)
     ]
+    stored = {**program.state_dict, **program.constants}
     delegates = [
         {
             "name": entry["module_name"],
@@ -87,6 +88,7 @@ def inspect(args: argparse.Namespace) -> int:
             "delegate_version": entry.get("delegate_version"),
             "toolchain": entry.get("toolchain", {}),
             "payload_bytes": len(lowered.processed_bytes),
+            "weight_bytes": _nbytes(stored[w["source"]] for w in entry["weights"]),
             "compile_specs": dict(entry.get("compile_specs", [])),
             "precision": lowered.precision,
             "accuracy": entry.get("accuracy"),
@@ -104,6 +106,7 @@ def inspect(args: argparse.Namespace) -> int:
         "outputs": outputs,
         "output_type": spec_type(saved_out_spec),
         "dims": _dims(program, names),
+        "weight_bytes": _nbytes(stored.values()),
         "delegates": delegates,
         "report": report.to_dict(),
     }
@@ -111,8 +114,9 @@ def inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
         return 0
     print(
-        f"{args.package}: {info['file_bytes'] / 1e6:.2f} MB, saved with torch "
-        f"{info['torch_version']}, nativert package format {info['format_version']}"
+        f"{args.package}: {info['file_bytes'] / 1e6:.2f} MB ({info['weight_bytes'] / 1e6:.2f} "
+        f"MB of weights), saved with torch {info['torch_version']}, nativert package format "
+        f"{info['format_version']}"
     )
     for item in inputs:
         print(f"  input {item['name']}: {_shape_text(item)}")
@@ -131,10 +135,34 @@ def inspect(args: argparse.Namespace) -> int:
         print(
             f"  delegate {d['name']}: {d['backend_id']} v{d['delegate_version']}"
             f"{f' ({tools})' if tools else ''}, payload {d['payload_bytes'] / 1e3:.1f} kB, "
-            f"{d['precision']}"
+            f"weights {d['weight_bytes'] / 1e6:.2f} MB, {d['precision']}"
         )
     print(report)
     return 0
+
+
+def _nbytes(tensors: Any) -> int:
+    """Bytes of distinct storages (tied weights count once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def _memory_mib() -> tuple[float, float]:
+    """This process's (RSS, peak RSS) in MiB, from /proc (0 where there is none)."""
+    values = {"VmRSS": 0.0, "VmHWM": 0.0}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in values:
+                    values[key] = int(rest.split()[0]) / 1024
+    except OSError:
+        pass
+    return values["VmRSS"], values["VmHWM"]
 
 
 def _random_inputs(program, size: int) -> list[torch.Tensor]:
@@ -183,11 +211,14 @@ def bench(args: argparse.Namespace) -> int:
 
     import nativert
 
+    rss_before, _ = _memory_mib()
+    start = time.perf_counter()
     # bench feeds tensors and times calls: it needs no output type (plain containers)
     program = nativert.load(
         args.package, trust_native_code=args.trust_native_code, plain_containers=True
     )
     executor = nativert.Executor(program)
+    load_s = time.perf_counter() - start
     inputs = _random_inputs(program, args.size)
     samples: list[float] = []
     lock = threading.Lock()
@@ -230,6 +261,11 @@ def bench(args: argparse.Namespace) -> int:
     )
     total = args.threads * (args.runs + args.warmup)
     print(f"  throughput: {total / wall:.0f} calls/s")
+    rss, peak = _memory_mib()
+    print(
+        f"  memory: RSS {rss:.0f} MiB ({rss - rss_before:+.0f} MiB for the model), peak "
+        f"{peak:.0f} MiB; load + Executor {load_s:.2f} s"
+    )
     if args.profile:
         print(executor.profile(*inputs))
     return 0

@@ -105,6 +105,8 @@ def test_lower_inspect_and_bench_a_user_factory(tmp_path):
     info = json.loads(inspected.stdout)
     (delegate,) = info["delegates"]
     assert delegate["backend_id"] == "onnxruntime" and delegate["payload_bytes"] > 0
+    # Delegated whole: the segment's weights are all of the program's.
+    assert delegate["weight_bytes"] == info["weight_bytes"] > 0
     assert "onnxruntime" in delegate["toolchain"]
     (x,) = info["inputs"]
     assert x["dtype"] == "float32" and x["shape"] == ["batch", 8]  # the user's Dim name
@@ -124,6 +126,7 @@ def test_lower_inspect_and_bench_a_user_factory(tmp_path):
     assert benched.returncode == 0, benched.stderr
     assert re.search(r"latency (us|ms|s): p50 \d", benched.stdout), benched.stdout
     assert "calls/s" in benched.stdout
+    assert re.search(r"memory: RSS \d+ MiB \([+-]\d+ MiB for the model\), peak", benched.stdout)
     assert "delegate 'onnxruntime'" in benched.stdout  # the profile
 
     # The saved program is the factory's model, at another batch size.

@@ -10,6 +10,9 @@ after. Members the manifest does not list are refused too, so nothing rides alon
 from __future__ import annotations
 
 import hashlib
+import mmap
+import os
+import struct
 import sys
 import zipfile
 import zlib
@@ -17,6 +20,7 @@ from typing import Any
 
 import torch
 
+from nativert._program.mapped import register
 from nativert.errors import PackageError
 
 _CHUNK = 1 << 20
@@ -73,6 +77,8 @@ class Archive:
                 raise PackageError(f"{path}: member {name} appears twice")
             self._infos[name] = info
         self._digests: dict[str, dict[str, Any]] | None = None
+        self._map: mmap.mmap | None = None
+        self._stat: os.stat_result | None = None
 
     def __enter__(self) -> Archive:
         return self
@@ -145,6 +151,68 @@ class Archive:
         if expected is not None and sha.hexdigest() != expected["sha256"]:
             raise self._changed(name)
         return flat
+
+    def map_tensor(self, name: str, dtype: torch.dtype, nbytes: int) -> torch.Tensor | None:
+        """The member as a flat tensor over the file's own pages (copy-on-write: writing to
+        it never changes the file), checked like `read_tensor`; None when the member cannot
+        be mapped (compressed, or not aligned for `dtype`): read it instead.
+
+        Hashing reads every page; they are then dropped from this process (they stay in the
+        page cache, shared with every process that maps the file), so a weight that only a
+        delegate's runtime reads costs this process nothing. The file must not be changed in
+        place while the tensors live (`nativert.save` replaces a file, it never rewrites it)."""
+        info, expected = self._checked_info(name, None)
+        if info.file_size != nbytes:
+            raise PackageError(
+                f"{self.path}: member {name} declares {info.file_size} bytes but its tensors "
+                f"need {nbytes}; refusing to decompress it"
+            )
+        element = torch.empty(0, dtype=dtype).element_size()
+        if info.compress_type != zipfile.ZIP_STORED or nbytes == 0:
+            return None
+        mapped = self._mapping()
+        start = self._data_start(name, info, mapped)
+        if start % element:
+            return None
+        view = memoryview(mapped)[start : start + nbytes]
+        try:
+            if expected is not None:
+                if hashlib.sha256(view).hexdigest() != expected["sha256"]:
+                    raise self._changed(name)
+            elif zlib.crc32(view) != info.CRC:
+                raise PackageError(f"{self.path}: member {name} is corrupted: bad CRC-32")
+        finally:
+            view.release()
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (start + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:  # whole pages only: a neighbour's bytes may share the edge pages
+            mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
+        flat = torch.frombuffer(mapped, dtype=dtype, count=nbytes // element, offset=start)
+        register(flat, mapped, os.path.abspath(self.path), self._stat, start)
+        return flat
+
+    def _mapping(self) -> mmap.mmap:
+        """The file zipfile reads (its open handle: not whatever the path names now)."""
+        if self._map is None:
+            fd = self._zip.fp.fileno()
+            try:
+                self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                self._stat = os.fstat(fd)
+            except (OSError, ValueError) as exc:
+                raise PackageError(f"{self.path}: cannot map the file: {exc}") from exc
+        return self._map
+
+    def _data_start(self, name: str, info: zipfile.ZipInfo, mapped: mmap.mmap) -> int:
+        """Where the member's bytes begin: after its local header, which must agree with the
+        central directory (zipfile checks the same when it reads)."""
+        header = mapped[info.header_offset : info.header_offset + 30]
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise PackageError(f"{self.path}: member {name} has no valid local header")
+        method, name_len, extra_len = struct.unpack("<8xH16xHH", header)
+        start = info.header_offset + 30 + name_len + extra_len
+        if method != info.compress_type or start + info.file_size > len(mapped):
+            raise PackageError(f"{self.path}: member {name} has a corrupted local header")
+        return start
 
     def _info(self, name: str) -> zipfile.ZipInfo:
         info = self._infos.get(name)

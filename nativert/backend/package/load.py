@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from torch._export.serde import schema
-from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
+from torch._export.serde.serialize import ExportedProgramDeserializer
 from torch.export import ExportedProgram
 from torch.export.pt2_archive.constants import (
     ARCHIVE_VERSION_PATH,
@@ -45,6 +45,7 @@ from nativert.backend.package.manifest import (
     manifest_of,
     program_with_inputs,
 )
+from nativert.backend.package.serde import dict_to_dataclass
 from nativert.backend.package.treespecs import call_signatures, check_call_graph
 from nativert.backend.package.untrusted import Refused, check_program_json
 from nativert.backend.package.weights import load_constants, load_weights
@@ -62,8 +63,16 @@ def load(
     strict: bool = False,
     trust_native_code: bool = False,
     plain_containers: bool = False,
+    mmap: bool = True,
 ) -> ExportedProgram:
     """Read a program saved by `save`, with every delegate restored.
+
+    Weights are mapped from the file, not read into memory (`mmap=False` reads them): they
+    cost this process memory only where something reads them, a delegate whose runtime maps
+    files itself (ONNX Runtime) reads its weights from the package directly, and processes
+    that load one package share its pages. Writing to a mapped weight changes this process's
+    copy, never the file. Do not rewrite the file in place while it is loaded (copy a new
+    version beside it and rename it over, as `save` does).
 
     A delegate whose runtime is missing here runs its reference program in PyTorch instead,
     with a warning naming it (`strict=True` raises PackageError). Segments whose payloads are
@@ -92,8 +101,10 @@ def load(
         manifest = _checked_manifest(archive)
         entries = manifest["delegates"]
         delegates = [_delegate(entry, path, strict, trust_native_code) for entry in entries]
-        top = _read_program(archive, TOP, plain_containers)
-        segments = [_read_program(archive, entry["program"], plain_containers) for entry in entries]
+        top = _read_program(archive, TOP, plain_containers, mmap)
+        segments = [
+            _read_program(archive, entry["program"], plain_containers, mmap) for entry in entries
+        ]
         payloads = [archive.read(f"{EXECUTORCH_DIR}{entry['payload']}") for entry in entries]
     for entry, (delegate, _), payload in zip(entries, delegates, payloads, strict=True):
         if delegate is not None:
@@ -149,7 +160,9 @@ def _program_json(archive: Archive, name: str) -> dict:
         raise PackageError(f"{archive.path}: {member} is not valid JSON: {exc}") from exc
 
 
-def _read_program(archive: Archive, name: str, plain_containers: bool) -> ExportedProgram:
+def _read_program(
+    archive: Archive, name: str, plain_containers: bool, mapped: bool
+) -> ExportedProgram:
     path = archive.path
     member = MODELS_FILENAME_FORMAT.format(name)
     data = _program_json(archive, name)
@@ -162,10 +175,10 @@ def _read_program(archive: Archive, name: str, plain_containers: bool) -> Export
         check_call_graph(data, plain_containers=plain_containers)
     except Refused as exc:
         raise refused(str(exc)) from None
-    state_dict = load_weights(archive, name)
-    constants = load_constants(archive, name)
+    state_dict = load_weights(archive, name, mapped=mapped)
+    constants = load_constants(archive, name, mapped=mapped)
     try:
-        serialized = _dict_to_dataclass(schema.ExportedProgram, data)
+        serialized = dict_to_dataclass(schema.ExportedProgram, data)
         # Empty sample inputs: torch would torch.load them (weights_only=False fallback).
         program = ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, b"")
     except Exception as exc:

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch._export.serde import schema
 from torch._export.serde.serialize import (
-    _dict_to_dataclass,
     deserialize_device,
     deserialize_scalar_type,
 )
@@ -29,22 +28,28 @@ from torch.export.pt2_archive.constants import (
 
 from nativert._program.tensors import storage_reach
 from nativert.backend.package.archive import Archive
+from nativert.backend.package.serde import dict_to_dataclass
 from nativert.errors import PackageError
 
 _CONFIG_LIMIT = 64 << 20  # a config file is JSON metadata: far below this
 
 
-def load_weights(archive: Archive, model: str) -> dict[str, torch.Tensor]:
-    """The program's parameters and persistent buffers, by FQN."""
-    return _load(archive, model, WEIGHTS_CONFIG_FILENAME_FORMAT, WEIGHTS_DIR, "weight")
+def load_weights(archive: Archive, model: str, *, mapped: bool) -> dict[str, torch.Tensor]:
+    """The program's parameters and persistent buffers, by FQN; with `mapped`, over the
+    file's pages (see `Archive.map_tensor`) wherever the member allows it."""
+    return _load(archive, model, WEIGHTS_CONFIG_FILENAME_FORMAT, WEIGHTS_DIR, "weight", mapped)
 
 
-def load_constants(archive: Archive, model: str) -> dict[str, torch.Tensor]:
+def load_constants(archive: Archive, model: str, *, mapped: bool) -> dict[str, torch.Tensor]:
     """The program's tensor constants (custom objects are refused: they need unpickling)."""
-    return _load(archive, model, CONSTANTS_CONFIG_FILENAME_FORMAT, CONSTANTS_DIR, "constant")
+    return _load(
+        archive, model, CONSTANTS_CONFIG_FILENAME_FORMAT, CONSTANTS_DIR, "constant", mapped
+    )
 
 
-def _load(archive: Archive, model: str, config_format: str, directory: str, what: str):
+def _load(
+    archive: Archive, model: str, config_format: str, directory: str, what: str, mapped: bool
+):
     path = archive.path
     for legacy in (f"{WEIGHTS_DIR}{model}.pt", f"{CONSTANTS_DIR}{model}.pt"):
         if legacy in archive.names():
@@ -52,7 +57,7 @@ def _load(archive: Archive, model: str, config_format: str, directory: str, what
     config_name = config_format.format(model)
     try:
         raw = json.loads(archive.read(config_name, limit=_CONFIG_LIMIT))
-        config = _dict_to_dataclass(schema.PayloadConfig, raw)
+        config = dict_to_dataclass(schema.PayloadConfig, raw)
     except PackageError:
         raise
     except Exception as exc:
@@ -73,7 +78,7 @@ def _load(archive: Archive, model: str, config_format: str, directory: str, what
         files.setdefault(meta.path_name, []).append((fqn, meta.tensor_meta))
     tensors: dict[str, torch.Tensor] = {}
     for path_name, entries in files.items():
-        flat = _storage(archive, directory + path_name, entries)
+        flat = _storage(archive, directory + path_name, entries, mapped)
         for fqn, meta in entries:
             size, stride, offset = _layout(meta, archive.path, fqn)
             tensor = torch.as_strided(flat, size, stride, offset)
@@ -103,7 +108,9 @@ def _layout(meta: Any, path: str, fqn: str) -> tuple[list[int], list[int], int]:
     return size, stride, offset
 
 
-def _storage(archive: Archive, member: str, entries: list[tuple[str, Any]]) -> torch.Tensor:
+def _storage(
+    archive: Archive, member: str, entries: list[tuple[str, Any]], mapped: bool
+) -> torch.Tensor:
     """The flat storage the entries view, after checking its declared size against them."""
     dtypes = {deserialize_scalar_type(meta.dtype) for _, meta in entries}
     if len(dtypes) != 1:
@@ -113,4 +120,8 @@ def _storage(archive: Archive, member: str, entries: list[tuple[str, Any]]) -> t
     reach = 0
     for fqn, meta in entries:
         reach = max(reach, storage_reach(*_layout(meta, archive.path, fqn)))
+    if mapped:
+        flat = archive.map_tensor(member, dtype, reach * element)
+        if flat is not None:
+            return flat
     return archive.read_tensor(member, dtype, reach * element)

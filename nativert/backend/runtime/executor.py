@@ -34,8 +34,9 @@ from nativert._program import WEIGHT_KINDS, weight_tensor
 from nativert._program.inputs import InputSpecs
 from nativert.backend.runtime.profile import ProfileRow, ProfileTable
 from nativert.backend.runtime.tokens import remove_effect_tokens
-from nativert.backend.runtime.weights import validate_update
+from nativert.backend.runtime.weights import return_freed_memory, validate_update
 from nativert.call_delegate import call_delegate
+from nativert.delegate import DelegateExecutor
 from nativert.errors import NativertError, WeightsError
 from nativert.lowered import LoweredBackendModule
 
@@ -65,8 +66,20 @@ class _DelegateRunner:
         self.lowered = lowered
         self.names = lowered.weight_names
         self.sources = sources
-        self.executor = lowered.load_executor()  # its own: not shared with .module() or others
+        self.executor: DelegateExecutor | None = None  # set by bind
         self.__name__ = f"delegate_{lowered.module_name}"  # FX codegen names the call by it
+
+    def bind(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """This runner's own executor, bound to `weights`: the one the lowered module built
+        (lowering's trial load, or `.module()` calls) when it is bound to these very
+        tensors, which the module hands over; else a new one. Never shared: `.module()`
+        calls after this build their own."""
+        mine = [weights[source] for source in self.sources]
+        self.executor = self.lowered.runtime.take(mine)
+        if self.executor is None:
+            self.executor = self.lowered.load_executor()
+            self.stage(weights)
+            self.executor.commit_weights()
 
     def stage(self, weights: Mapping[str, torch.Tensor]) -> None:
         self.executor.process_weights(
@@ -130,8 +143,7 @@ class Executor:
             name = self._weight_names[j]
             weights[name] = weights[name].detach().clone()
         for runner in self._runners:
-            runner.stage(weights)
-            runner.executor.commit_weights()
+            runner.bind(weights)
         self._gen = self._generation(weights, 0)
         self._staged: _Staged | None = None
         # Required in a strict update: what the program's state_dict holds (parameters and
@@ -357,7 +369,8 @@ class Executor:
                 runner.executor.commit_weights()
             self._gen = self._generation(staged.weights, staged.version)
             self._staged = None
-            return staged.version
+            return_freed_memory()  # the old weights, unless a call still runs on them
+            return self._gen.version
 
     def discard_weights(self) -> None:
         """Drop staged weights (if any): the current ones stay."""

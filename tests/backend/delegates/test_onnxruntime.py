@@ -222,7 +222,8 @@ def test_unknown_compile_spec_is_rejected_before_anything_compiles():
     with pytest.raises(
         nativert.SettingsError,
         match=r"compile_specs\['onnxruntime'\]: .*no compile specs \['threads'\]; valid: "
-        r"\['intra_op_num_threads', 'intra_op_spinning', 'log_severity_level', 'precision'\]",
+        r"\['intra_op_num_threads', 'intra_op_spinning', 'log_severity_level', 'precision',"
+        r" 'prepack_weights'\]",
     ):
         nativert.AllNodePartitioner("onnxruntime", compile_specs={"threads": 2})
     with pytest.raises(nativert.DelegateCompileError, match=r"unknown compile specs \['threads'\]"):

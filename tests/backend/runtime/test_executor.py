@@ -367,9 +367,11 @@ def test_weight_update_on_wrong_device_is_refused():
         executor.update_weights(new)
 
 
-def test_one_onnxruntime_session_per_segment_per_runner(monkeypatch):
+def test_an_executor_takes_over_the_sessions_lowering_built(monkeypatch):
     """to_backend builds each segment's session once (to check that ONNX Runtime accepts
-    the payload), and .module() then runs on it; an Executor builds one per segment."""
+    the payload); the first Executor takes those over instead of building a second session
+    over the same weights. `.module()` calls after that, and other Executors, build their
+    own: no session is ever shared by two owners."""
     import onnxruntime
 
     built = []
@@ -390,15 +392,21 @@ def test_one_onnxruntime_session_per_segment_per_runner(monkeypatch):
     segments = len(nativert.delegate_nodes(program))
     assert segments == 2 and len(built) == segments
     executor = nativert.Executor(program)
-    assert len(built) == 2 * segments
+    assert len(built) == segments  # taken over, not built again
     with torch.no_grad():
         for _ in range(3):
             assert_close(executor(*inputs), model(*inputs))
-        assert len(built) == 2 * segments  # calls build nothing
+        assert len(built) == segments  # calls build nothing
         module = program.module()
         module(*inputs)
         module(*inputs)
-    assert len(built) == 2 * segments  # .module() runs on the sessions lowering built
+        assert len(built) == 2 * segments  # .module() builds its own once, then reuses them
+        assert_close(executor(*inputs), model(*inputs))
+        nativert.Executor(program)
+    assert len(built) == 2 * segments  # bound to the same weights: it takes .module()'s
+    # ...and the next .module() call builds again, while the Executors keep theirs.
+    assert_close(program.module()(*inputs), model(*inputs))
+    assert len(built) == 3 * segments
 
 
 def test_a_sparse_weight_in_an_update_is_named():

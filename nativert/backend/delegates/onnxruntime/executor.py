@@ -10,14 +10,21 @@ with no allocation and no new binding, once the caller has provably dropped ever
 could see them; otherwise it allocates fresh ones and binds those. Never numpy on the hot
 path, never `run_with_ort_values`.
 
-Weights: the payload's weight initializers are external; every session gets the torch tensors
-through `SessionOptions.add_external_initializers` (shared, not copied). `process_weights`
+Weights: the payload's weight initializers are external, and each session is given them when
+it is built. A weight that is still the bytes of a loaded package (`nativert.load` maps them;
+`nativert._program.mapped`) is read by ONNX Runtime from the package file itself: it maps the
+file region, prepacks matrix weights and drops the unpacked pages, so the session holds
+what a plain session over an ONNX file with external data holds, and the torch tensor stays
+unread page cache. Any other weight goes through `SessionOptions.add_external_initializers`,
+which copies it into the session (ONNX Runtime 1.32 does, measured; prepacked copies then
+replace it). `process_weights`
 validates, then builds a staged session from the new tensors; `commit_weights` switches
 sessions atomically; calls in flight finish on the session they started with.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,15 +34,19 @@ from torch.export import ExportedProgram
 from torch.fx import Node
 
 from nativert._program import placeholder_values, validate_weights, weight_names
+from nativert._program.mapped import FileRegion, file_region, is_current
 from nativert.backend.delegates.onnxruntime.export import (
     DEFAULT_LOG_SEVERITY,
     DEFAULT_SPINNING,
+    EXTERNAL_FOLDER,
     LOG_SEVERITY,
+    PREPACK,
     SPINNING,
     SPINNING_MODES,
     THREADS,
     external_initializers,
     options,
+    reading_files,
 )
 from nativert.backend.runtime.buffers import OutputBuffer
 from nativert.delegate import FP32, INT8, PRECISION_SPEC, CompileSpec, StagedWeights
@@ -149,6 +160,7 @@ class OnnxRuntimeExecutor(StagedWeights):
         # PyTorch does; with it ORT fuses them with their ops into its int8 kernels.
         self._int8 = specs.get(PRECISION_SPEC, FP32) == INT8
         self._log_severity = int(specs.get(LOG_SEVERITY, DEFAULT_LOG_SEVERITY))
+        self._prepack = specs.get(PREPACK, True)
         self._reference = reference
         self.weight_names = weight_names(reference)
         values = placeholder_values(reference)
@@ -166,7 +178,16 @@ class OnnxRuntimeExecutor(StagedWeights):
         self._init_state(active=None if self._external else self._build({}))
         self._shape_cache: dict[tuple, list[tuple[tuple[int, ...], torch.dtype]]] = {}
 
-    def _build(self, weights: Mapping[str, torch.Tensor]) -> _Compiled:
+    def _file_regions(self, weights: Mapping[str, torch.Tensor]) -> dict[str, FileRegion]:
+        """The weights ORT can map from a package file, by initializer name: those still
+        the bytes of a file that its path still names, all in one folder (ORT resolves
+        every location against one)."""
+        regions = {name: file_region(weights[name]) for name in self._external}
+        regions = {n: r for n, r in regions.items() if r is not None and is_current(r)}
+        folders = sorted({os.path.dirname(r.path) for r in regions.values()})
+        return {n: r for n, r in regions.items() if os.path.dirname(r.path) == folders[0]}
+
+    def _build(self, weights: Mapping[str, torch.Tensor], from_files: bool = True) -> _Compiled:
         ort = self._ort
         so = ort.SessionOptions()
         so.intra_op_num_threads = self._threads
@@ -175,18 +196,32 @@ class OnnxRuntimeExecutor(StagedWeights):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if not self._int8:
             so.add_session_config_entry("session.disable_quant_qdq", "1")
-        # Shared, not copied: ORT reads the torch tensors, which must outlive the session.
-        arrays = [weights[name].detach().contiguous().cpu() for name in self._external]
+        if not self._prepack:
+            so.add_session_config_entry("session.disable_prepacking", "1")
+        payload, given = self._payload, list(self._external)
+        files = self._file_regions(weights) if from_files else {}
+        if files:
+            payload = reading_files(payload, files)
+            folder = os.path.dirname(next(iter(files.values())).path)
+            so.add_session_config_entry(EXTERNAL_FOLDER, folder)
+            given = [name for name in given if name not in files]
+        arrays = [weights[name].detach().contiguous().cpu() for name in given]
         values = [ort.OrtValue.ortvalue_from_numpy(a.numpy()) for a in arrays]
-        if self._external:
-            so.add_external_initializers(list(self._external), values)
+        if given:
+            so.add_external_initializers(given, values)
         # int8: MatMulAddFusion would turn DequantizeLinear -> MatMul -> Add (a quantized
         # linear with fp32 output, export.py) into a Gemm that no int8 kernel takes; without
         # it ORT picks MatMulIntegerToFloat (transformer block: 9.1 ms instead of 11.7 ms).
         disabled = ["MatMulAddFusion"] if self._int8 else []
         session = ort.InferenceSession(
-            self._payload, so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled
+            payload, so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled
         )
+        if files and not all(is_current(r) for r in files.values()):
+            # The path names another file now (a new version saved over it): ORT may have
+            # read that one. Build from the tensors, which hold the loaded file's bytes.
+            return self._build(weights, from_files=False)
+        # Kept alive with the session all the same: a release that uses them in place (as it
+        # does for add_initializer) must not read freed memory.
         return _Compiled(session, (so, tuple(arrays), tuple(values)))
 
     # -- weights ---------------------------------------------------------------------------

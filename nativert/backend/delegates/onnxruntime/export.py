@@ -3,14 +3,14 @@ weight-free ONNX payload.
 
 Weights become initializers named by their targets (`optimize=False` keeps them unfolded;
 ONNX Runtime folds constants itself when it builds a session). The payload carries no weight
-data: those initializers are marked external, and every session gets the torch tensors.
-So a lowered module never holds its weights twice, and payloads stay small and weight-free
-for saving and caching.
+data: those initializers are marked external, and every session is given them when it is
+built (executor.py), so payloads stay small and weight-free for saving and caching.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,6 +19,7 @@ import torch
 from torch.export import ExportedProgram
 
 from nativert._program import copy_graph_module, rebuild_program, weight_names
+from nativert._program.mapped import FileRegion
 from nativert._program.quant import cpu_has_int8_dot, full_range
 from nativert.delegate import FP32, INT8, PRECISION_SPEC, CompileSpec
 from nativert.errors import DelegateCompileError, first_line
@@ -28,6 +29,8 @@ QUANTIZE_PER_TENSOR = torch.ops.quantized_decomposed.quantize_per_tensor.default
 DEQUANTIZE_PER_TENSOR = torch.ops.quantized_decomposed.dequantize_per_tensor.default
 DEQUANTIZE_PER_CHANNEL = torch.ops.quantized_decomposed.dequantize_per_channel.default
 _EXTERNAL_MARKER = "nativert:weights"  # initializers whose data comes from the weights
+# Session config: the folder ONNX Runtime resolves external data locations against.
+EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
 
 
 def strip_weights(proto: Any, names: set[str]) -> None:
@@ -56,6 +59,27 @@ def external_initializers(payload: bytes) -> tuple[str, ...]:
         for init in model.graph.initializer
         if any(e.key == "location" and e.value == _EXTERNAL_MARKER for e in init.external_data)
     )
+
+
+def reading_files(payload: bytes, regions: Mapping[str, FileRegion]) -> bytes:
+    """The payload with the external initializers in `regions` read from those file regions
+    (all in one folder: ONNX Runtime resolves locations against one) instead of supplied."""
+    import onnx
+
+    model = onnx.load_from_string(payload)
+    for init in model.graph.initializer:
+        region = regions.get(init.name)
+        if region is None:
+            continue
+        del init.external_data[:]
+        for key, value in (
+            ("location", os.path.basename(region.path)),
+            ("offset", str(region.offset)),
+            ("length", str(region.nbytes)),
+        ):
+            entry = init.external_data.add()
+            entry.key, entry.value = key, value
+    return model.SerializeToString()
 
 
 def check_untrusted(payload: bytes) -> None:
@@ -126,7 +150,13 @@ DEFAULT_SPINNING = "always"
 # say nothing about the model), 4 fatal.
 LOG_SEVERITY = "log_severity_level"
 DEFAULT_LOG_SEVERITY = 3
-SPEC_KEYS = (THREADS, SPINNING, LOG_SEVERITY, PRECISION_SPEC)
+# Whether ONNX Runtime repacks matrix weights into its kernels' layout when a session is
+# built (its default). Measured (benchmarks/memory.md, suite models at 2 threads): repacked
+# weights are 3-14% faster on linear-heavy models, but the packed copy is private to the
+# process, so processes serving one package cannot share it; with False a session reads
+# the weights where they are (a loaded package's mapped pages, shared by every process).
+PREPACK = "prepack_weights"
+SPEC_KEYS = (THREADS, SPINNING, LOG_SEVERITY, PRECISION_SPEC, PREPACK)
 PRECISIONS = (FP32, INT8)  # int8: the QDQ patterns of a quantized region on int8 kernels
 
 
@@ -149,6 +179,8 @@ def check_values(values: Mapping[str, Any]) -> None:
             f"compile spec {PRECISION_SPEC!r} must be one of {list(PRECISIONS)} for onnxruntime, "
             f"got {precision!r}"
         )
+    if not isinstance(values.get(PREPACK, True), bool):
+        raise ValueError(f"compile spec {PREPACK!r} must be True or False, got {values[PREPACK]!r}")
     spinning = values.get(SPINNING, DEFAULT_SPINNING)
     if not isinstance(spinning, str) or spinning not in SPINNING_MODES:
         raise ValueError(
