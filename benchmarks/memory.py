@@ -4,18 +4,22 @@ a fresh process.
     python benchmarks/memory.py                      # build files, measure every way
     python benchmarks/memory.py --models gpt2 --ways ort,executor
 
-For each model the build step writes, once, into --dir: the model lowered whole to ONNX Runtime
-and saved by nativert (`<model>.pt2`, and `<model>_noprepack.pt2` with the onnxruntime compile
-spec `prepack_weights=False`), the plain ONNX file an ORT user exports (`<model>.onnx`, weights
-inside) and the same with its weights in an external data file (`<model>_ext.onnx`, how large
-models ship), OpenVINO's IR (`<model>.xml/.bin`, f32) and an AOTInductor package
-(`<model>_aoti.pt2`). Then each way runs in its own process: import the libraries, read RSS and
-PSS (the baseline), load the model, run it 3 times, read them again. Reported: what loading
-and running added (MiB), the peak (VmHWM) above the baseline, the load time, and the median
-time of 10 further calls (a sanity check that the lean ways are not slow; benchmarks/suite.py
-measures speed properly). `replicas` runs two processes that each load the nativert package
-with an Executor, both alive at once, and reports the sum of their PSS (shared pages counted
-once in all) against one process's.
+For each model the build step writes, once, into --dir:
+- nativert packages, the model lowered whole and saved: `<model>.pt2` (onnxruntime),
+  `<model>_noprepack.pt2` (onnxruntime with the compile spec `prepack_weights=False`),
+  `<model>_folded*.pt2` (the same two with `passes=INFERENCE_PIPELINE`: batch norms folded
+  into convolutions at lowering), `<model>_openvino.pt2` and `<model>_aoti_delegate.pt2`;
+- the peers' files: the plain ONNX file an ORT user exports (`<model>.onnx`, weights inside)
+  and the same with its weights in an external data file (`<model>_ext.onnx`, how large models
+  ship), OpenVINO's IR (`<model>.xml/.bin`, f32) and an AOTInductor package (`<model>_aoti.pt2`).
+
+Then each way runs in its own process: import the libraries, read RSS and PSS (the baseline),
+load the model, run it 3 times, read them again. Reported: what loading and running added
+(MiB), the peak (VmHWM) above the baseline, the load time, and the median time of 10 further
+calls (a sanity check that the lean ways are not slow; benchmarks/suite.py measures speed
+properly). `replicas*` run two processes that each load one nativert package with an
+Executor, as two serving replicas on one node do, both alive at once, and report the sum of
+their PSS (shared pages counted once in all) against one process's.
 """
 
 from __future__ import annotations
@@ -127,6 +131,7 @@ def build(name: str, folder: Path) -> None:
     from _harness import plain_onnx
 
     import nativert
+    from nativert.passes import INFERENCE_PIPELINE
 
     model = ep = None
 
@@ -138,14 +143,23 @@ def build(name: str, folder: Path) -> None:
         return ep
 
     with torch.no_grad():
-        for suffix, specs in (("", {}), ("_noprepack", {"prepack_weights": False})):
+        no_prepack = {"prepack_weights": False}
+        for suffix, delegate, specs, passes in (
+            ("", "onnxruntime", {}, None),
+            ("_noprepack", "onnxruntime", no_prepack, None),
+            ("_folded", "onnxruntime", {}, INFERENCE_PIPELINE),
+            ("_folded_noprepack", "onnxruntime", no_prepack, INFERENCE_PIPELINE),
+            ("_openvino", "openvino", {}, None),
+            ("_aoti_delegate", "aoti", {}, None),
+        ):
             pt2 = folder / f"{name}{suffix}.pt2"
             if not pt2.exists():
                 lowered = nativert.to_backend(
                     program(),
-                    delegates=["onnxruntime"],
+                    delegates=[delegate],
                     cache_dir=None,
-                    compile_specs={"onnxruntime": specs},
+                    compile_specs={delegate: specs},
+                    **({} if passes is None else {"passes": passes}),
                 )
                 nativert.save(lowered, pt2)
         if not (folder / f"{name}.onnx").exists():
@@ -209,6 +223,12 @@ def _module(path: Path):
     return nativert.load(path).module()
 
 
+def _executor_trusted(path: Path):
+    import nativert
+
+    return nativert.Executor(nativert.load(path, trust_native_code=True))
+
+
 # way: (what loads it, the file it loads)
 WAYS = {
     "ort": (_ort, "{}.onnx"),
@@ -218,6 +238,10 @@ WAYS = {
     "executor": (_executor, "{}.pt2"),
     "module": (_module, "{}.pt2"),
     "executor_noprepack": (_executor, "{}_noprepack.pt2"),
+    "executor_folded": (_executor, "{}_folded.pt2"),
+    "executor_folded_noprepack": (_executor, "{}_folded_noprepack.pt2"),
+    "executor_openvino": (_executor, "{}_openvino.pt2"),
+    "executor_aoti": (_executor_trusted, "{}_aoti_delegate.pt2"),
 }
 
 
@@ -300,7 +324,8 @@ def replicas(name: str, folder: Path, way: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--ways", default=",".join([*WAYS, "replicas", "replicas_noprepack"]))
+    replicas_of = ["replicas", "replicas_noprepack", "replicas_folded_noprepack"]
+    parser.add_argument("--ways", default=",".join([*WAYS, *replicas_of]))
     parser.add_argument("--dir", default="/tmp/nativert-memory")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one fresh process
     parser.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)

@@ -36,6 +36,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from nativert._program import find_nondifferentiable_outputs, weight_names, weight_tensor
 from nativert._program.accuracy import Accuracy
 from nativert._program.inputs import InputSpecs
+from nativert._program.mapped import release
 from nativert.call_delegate import call_delegate
 from nativert.delegate import (
     CompileSpec,
@@ -81,6 +82,7 @@ class DelegateRuntime:
         key = self._key(weights)
         if key is None or key != self._bound_key:
             executor.init_weights(dict(zip(self.weight_names, weights, strict=True)))
+            release(weights)  # mapped package pages the runtime has copied: not twice
             # Holding the tensors keeps their ids from being reused while bound.
             self._bound_refs = tuple(weights)
             self._bound_key = key

@@ -17,9 +17,11 @@ before and after the runtime reads it.
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,3 +100,30 @@ def file_region(tensor: torch.Tensor) -> FileRegion | None:
     if start + nbytes > entry.nbytes:
         return None
     return FileRegion(entry.path, entry.offset + start, nbytes, entry.identity)
+
+
+def release(tensors: Iterable[torch.Tensor]) -> None:
+    """Drop the pages of mapped, unwritten tensors from this process: call it once a
+    delegate's runtime has copied them into its own memory (OpenVINO's and AOTInductor's
+    constants), so the process does not hold both. They stay in the page cache; a later read
+    maps them again, with the file's bytes, which is what they hold (written tensors and
+    pages shared with a neighbouring tensor are left alone)."""
+    for tensor in tensors:
+        region = file_region(tensor)
+        if region is None:
+            continue
+        with _LOCK:
+            entry = _STORAGES.get(tensor.untyped_storage().data_ptr())
+        owner = entry.owner() if entry is not None else None
+        if owner is None:
+            continue
+        first = -(-region.offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (region.offset + region.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        drop_pages(owner, first, last)
+
+
+def drop_pages(mapping: mmap.mmap, first: int, last: int) -> None:
+    """madvise(MADV_DONTNEED) the mapping's whole pages in [first, last), where the system
+    has it (Linux, macOS); elsewhere the pages simply stay."""
+    if last > first and hasattr(mmap, "MADV_DONTNEED") and hasattr(mapping, "madvise"):
+        mapping.madvise(mmap.MADV_DONTNEED, first, last - first)

@@ -16,11 +16,12 @@ import struct
 import sys
 import zipfile
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
-from nativert._program.mapped import register
+from nativert._program.mapped import drop_pages, register
 from nativert.errors import PackageError
 
 _CHUNK = 1 << 20
@@ -79,11 +80,15 @@ class Archive:
         self._digests: dict[str, dict[str, Any]] | None = None
         self._map: mmap.mmap | None = None
         self._stat: os.stat_result | None = None
+        self._checks: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
 
     def __enter__(self) -> Archive:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self._checks is not None:
+            self._checks.shutdown(wait=True, cancel_futures=True)
         self._zip.close()
 
     def names(self) -> set[str]:
@@ -154,8 +159,9 @@ class Archive:
 
     def map_tensor(self, name: str, dtype: torch.dtype, nbytes: int) -> torch.Tensor | None:
         """The member as a flat tensor over the file's own pages (copy-on-write: writing to
-        it never changes the file), checked like `read_tensor`; None when the member cannot
-        be mapped (compressed, or not aligned for `dtype`): read it instead.
+        it never changes the file), checked like `read_tensor` but on a thread (`check_mapped`
+        waits for the checks); None when the member cannot be mapped (compressed, or not
+        aligned for `dtype`): read it instead.
 
         Hashing reads every page; they are then dropped from this process (they stay in the
         page cache, shared with every process that maps the file), so a weight that only a
@@ -174,6 +180,21 @@ class Archive:
         start = self._data_start(name, info, mapped)
         if start % element:
             return None
+        flat = torch.frombuffer(mapped, dtype=dtype, count=nbytes // element, offset=start)
+        # Checked on a thread (hashlib lets go of the GIL) while the caller goes on reading
+        # the programs; `check_mapped` waits for every check.
+        if self._checks is None:
+            self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nativert-load")
+        self._pending.append(
+            self._checks.submit(self._check_mapped, name, info, expected, start, nbytes)
+        )
+        register(flat, mapped, os.path.abspath(self.path), self._stat, start)
+        return flat
+
+    def _check_mapped(
+        self, name: str, info: zipfile.ZipInfo, expected: Any, start: int, nbytes: int
+    ) -> None:
+        mapped = self._map
         view = memoryview(mapped)[start : start + nbytes]
         try:
             if expected is not None:
@@ -185,11 +206,14 @@ class Archive:
             view.release()
         first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
         last = (start + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-        if last > first:  # whole pages only: a neighbour's bytes may share the edge pages
-            mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
-        flat = torch.frombuffer(mapped, dtype=dtype, count=nbytes // element, offset=start)
-        register(flat, mapped, os.path.abspath(self.path), self._stat, start)
-        return flat
+        drop_pages(mapped, first, last)  # whole pages: a neighbour may share the edge pages
+
+    def check_mapped(self) -> None:
+        """Wait for the digest checks of every mapped member; raise the first failure. Call
+        it before anything reads a mapped tensor."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
 
     def _mapping(self) -> mmap.mmap:
         """The file zipfile reads (its open handle: not whatever the path names now)."""

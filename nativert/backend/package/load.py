@@ -106,6 +106,7 @@ def load(
             _read_program(archive, entry["program"], plain_containers, mmap) for entry in entries
         ]
         payloads = [archive.read(f"{EXECUTORCH_DIR}{entry['payload']}") for entry in entries]
+        archive.check_mapped()  # every weight's digest, before anything reads one
     for entry, (delegate, _), payload in zip(entries, delegates, payloads, strict=True):
         if delegate is not None:
             _check_segment(delegate, payload, entry, path)

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 from torch._export.serde import schema
 from torch._export.serde.serialize import _resolve_schema_cls
-from torch._export.serde.union import _Union
+from torch._export.serde.union import _Union, _UnionTag
 
 _CONVERTERS: dict[Any, Callable[[Any], Any]] = {}
 
@@ -53,6 +53,7 @@ def _build(cls: Any) -> Callable[[Any], Any]:
         return lambda data: None if data is None else _converter(inner)(data)
     if isinstance(cls, type) and issubclass(cls, _Union):
         hints = typing.get_type_hints(cls, globalns=vars(schema))
+        empty = dict.fromkeys(f.name for f in dataclasses.fields(cls))
 
         def union(data: Any) -> Any:
             if not isinstance(data, dict):
@@ -62,7 +63,15 @@ def _build(cls: Any) -> Callable[[Any], Any]:
             ((kind, value),) = data.items()
             if not isinstance(kind, str):
                 raise AssertionError(f"expected str key, got {type(kind).__name__}")
-            return cls.create(**{kind: _converter(hints[kind])(value)})
+            # What `cls.create(**{kind: ...})` builds, without its two `dataclasses.fields`
+            # calls per object (a third of the conversion's time): every field None but one,
+            # and the tag.
+            converted = _converter(hints[kind])(value)
+            obj = object.__new__(cls)
+            obj.__dict__.update(empty)
+            obj.__dict__[kind] = converted
+            obj._type = _UnionTag.create(kind, cls)
+            return obj
 
         return union
     if dataclasses.is_dataclass(cls):

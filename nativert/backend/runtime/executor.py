@@ -32,6 +32,7 @@ from torch.fx import GraphModule, Node
 
 from nativert._program import WEIGHT_KINDS, weight_tensor
 from nativert._program.inputs import InputSpecs
+from nativert._program.mapped import release
 from nativert.backend.runtime.profile import ProfileRow, ProfileTable
 from nativert.backend.runtime.tokens import remove_effect_tokens
 from nativert.backend.runtime.weights import return_freed_memory, validate_update
@@ -145,6 +146,10 @@ class Executor:
         for runner in self._runners:
             runner.bind(weights)
         self._gen = self._generation(weights, 0)
+        # Weights of a loaded package that only delegates read: their runtimes hold them
+        # now, so this process need not hold the mapped pages too.
+        graph_read = {self._weight_names[i] for i in self._graph_weights}
+        release(weights[n] for n in self._weight_names if n not in graph_read)
         self._staged: _Staged | None = None
         # Required in a strict update: what the program's state_dict holds (parameters and
         # persistent buffers); constants and non-persistent buffers may be given or not.

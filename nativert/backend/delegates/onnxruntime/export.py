@@ -151,10 +151,11 @@ DEFAULT_SPINNING = "always"
 LOG_SEVERITY = "log_severity_level"
 DEFAULT_LOG_SEVERITY = 3
 # Whether ONNX Runtime repacks matrix weights into its kernels' layout when a session is
-# built (its default). Measured (benchmarks/memory.md, suite models at 2 threads): repacked
-# weights are 3-14% faster on linear-heavy models, but the packed copy is private to the
-# process, so processes serving one package cannot share it; with False a session reads
-# the weights where they are (a loaded package's mapped pages, shared by every process).
+# built (its default). Measured (benchmarks/prepack.md, suite models at 2 threads): repacked
+# weights are 6-16% faster on linear-heavy models, but the packed copy is private to the
+# process, so processes serving one package cannot share it (benchmarks/memory.md); with
+# False a session reads the weights where they are (a loaded package's mapped pages, shared
+# by every process).
 PREPACK = "prepack_weights"
 SPEC_KEYS = (THREADS, SPINNING, LOG_SEVERITY, PRECISION_SPEC, PREPACK)
 PRECISIONS = (FP32, INT8)  # int8: the QDQ patterns of a quantized region on int8 kernels
