@@ -13,13 +13,13 @@ path, never `run_with_ort_values`.
 Weights: the payload's weight initializers are external, and each session is given them when
 it is built. A weight that is still the bytes of a loaded package (`nativert.load` maps them;
 `nativert._program.mapped`) is read by ONNX Runtime from the package file itself: it maps the
-file region, prepacks matrix weights and drops the unpacked pages, so the session holds
-what a plain session over an ONNX file with external data holds, and the torch tensor stays
-unread page cache. Any other weight goes through `SessionOptions.add_external_initializers`,
-which copies it into the session (ONNX Runtime 1.32 does, measured; prepacked copies then
-replace it). `process_weights`
-validates, then builds a staged session from the new tensors; `commit_weights` switches
-sessions atomically; calls in flight finish on the session they started with.
+file region, prepacks matrix weights and drops the unpacked pages, so the session holds what a
+plain session over an ONNX file with external data holds, and the torch tensor stays unread
+page cache. Any other weight goes through `SessionOptions.add_external_initializers`, which
+copies it into the session (ONNX Runtime 1.32 does, measured; prepacked copies then replace
+it). `process_weights` validates, then builds a staged session from the new tensors;
+`commit_weights` switches sessions atomically; calls in flight finish on the session they
+started with.
 """
 
 from __future__ import annotations
