@@ -138,6 +138,18 @@ def test_a_package_saved_over_a_loaded_one_does_not_change_its_answers(package, 
         assert_close(nativert.Executor(nativert.load(copy))(x), other(x))
 
 
+def test_a_flipped_byte_in_a_mapped_weight_is_refused(package, tmp_path):
+    _, _, _, path, _ = package
+    region = file_region(nativert.load(path).state_dict["layers.5.weight"])
+    assert region is not None  # mapped: the check below is the mapped path's
+    raw = bytearray(path.read_bytes())
+    raw[region.offset + region.nbytes // 2] ^= 0x01
+    flipped = tmp_path / "flipped.pt2"
+    flipped.write_bytes(bytes(raw))
+    with pytest.raises(nativert.PackageError, match="SHA-256"):
+        nativert.load(flipped)
+
+
 def test_compressed_weights_are_read_not_mapped(package, tmp_path):
     """A package re-zipped with compression (another tool, say) still loads, by reading."""
     _, x, expected, path, _ = package
