@@ -280,7 +280,7 @@ def _restore(top, manifest, segments, payloads, delegates, path) -> ExportedProg
     for node, entry, free, payload, (_, why) in zip(
         nodes, entries, segments, payloads, delegates, strict=True
     ):
-        segment = program_with_inputs(free, entry["weights"], state)
+        segment = program_with_inputs(free, entry["weights"], state, take_graph=True)
         lowered = LoweredBackendModule(
             backend_id=entry["backend_id"],
             processed_bytes=payload,

@@ -75,18 +75,24 @@ def dim_names(program: ExportedProgram) -> dict[str, str]:
 
 
 def program_with_inputs(
-    segment: ExportedProgram, weights: list[dict], state: dict[str, Any]
+    segment: ExportedProgram,
+    weights: list[dict],
+    state: dict[str, Any],
+    *,
+    take_graph: bool = False,
 ) -> ExportedProgram:
     """The segment with its first len(weights) placeholders as weights (from `state`, by
     each weight's program source) and the rest user inputs; `weights=[]` gives the
-    weight-free form that is saved."""
+    weight-free form that is saved. With `take_graph`, the new program takes the segment's
+    graph module instead of a copy (the caller drops `segment`: loading does, and the deep
+    copy of a large graph's metadata was a fifth of the load)."""
     specs = [
         InputSpec(InputKind[w["kind"]], TensorArgument(name=""), w["target"], w.get("persistent"))
         for w in weights
     ]
     tensors = {w["target"]: state[w.get("source", w["target"])] for w in weights}
     return program_from_graph(
-        copy.deepcopy(segment.graph_module),
+        segment.graph_module if take_graph else copy.deepcopy(segment.graph_module),
         specs,
         tensors,
         range_constraints=segment.range_constraints,
