@@ -129,12 +129,7 @@ class Archive:
     def read_tensor(self, name: str, dtype: torch.dtype, nbytes: int) -> torch.Tensor:
         """The member as a flat tensor of `dtype`, which must be exactly `nbytes` long:
         checked before decompressing, streamed into the tensor (no second copy)."""
-        info, expected = self._checked_info(name, None)
-        if info.file_size != nbytes:
-            raise PackageError(
-                f"{self.path}: member {name} declares {info.file_size} bytes but its tensors "
-                f"need {nbytes}; refusing to decompress it"
-            )
+        info, expected = self._sized_info(name, nbytes)
         element = torch.empty(0, dtype=dtype).element_size()
         flat = torch.empty(nbytes // element, dtype=dtype)
         view = memoryview(flat.view(torch.uint8).numpy()) if nbytes else memoryview(b"")
@@ -167,12 +162,7 @@ class Archive:
         page cache, shared with every process that maps the file), so a weight that only a
         delegate's runtime reads costs this process nothing. The file must not be changed in
         place while the tensors live (`nativert.save` replaces a file, it never rewrites it)."""
-        info, expected = self._checked_info(name, None)
-        if info.file_size != nbytes:
-            raise PackageError(
-                f"{self.path}: member {name} declares {info.file_size} bytes but its tensors "
-                f"need {nbytes}; refusing to decompress it"
-            )
+        info, expected = self._sized_info(name, nbytes)
         element = torch.empty(0, dtype=dtype).element_size()
         if info.compress_type != zipfile.ZIP_STORED or nbytes == 0:
             return None
@@ -243,6 +233,17 @@ class Archive:
         if info is None:
             raise PackageError(f"{self.path}: member {name} is missing")
         return info
+
+    def _sized_info(self, name: str, nbytes: int) -> tuple[zipfile.ZipInfo, Any]:
+        """`_checked_info`, for a member that must be exactly `nbytes` long (its tensors'
+        reach): a different declared size is refused before anything is read."""
+        info, expected = self._checked_info(name, None)
+        if info.file_size != nbytes:
+            raise PackageError(
+                f"{self.path}: member {name} declares {info.file_size} bytes but its tensors "
+                f"need {nbytes}; refusing to decompress it"
+            )
+        return info, expected
 
     def _checked_info(self, name: str, limit: int | None) -> tuple[zipfile.ZipInfo, Any]:
         info = self._info(name)
