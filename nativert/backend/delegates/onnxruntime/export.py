@@ -21,6 +21,7 @@ from torch.export import ExportedProgram
 from nativert._program import copy_graph_module, rebuild_program, weight_names
 from nativert._program.mapped import FileRegion
 from nativert._program.quant import cpu_has_int8_dot, full_range
+from nativert.backend.delegates.onnxruntime import proto
 from nativert.delegate import FP32, INT8, PRECISION_SPEC, CompileSpec
 from nativert.errors import DelegateCompileError, first_line
 
@@ -51,9 +52,7 @@ def strip_weights(proto: Any, names: set[str]) -> None:
 
 
 def external_initializers(payload: bytes) -> tuple[str, ...]:
-    import onnx
-
-    model = onnx.load_from_string(payload)
+    model = proto.parse(payload)
     return tuple(
         init.name
         for init in model.graph.initializer
@@ -64,9 +63,7 @@ def external_initializers(payload: bytes) -> tuple[str, ...]:
 def reading_files(payload: bytes, regions: Mapping[str, FileRegion]) -> bytes:
     """The payload with the external initializers in `regions` read from those file regions
     (all in one folder: ONNX Runtime resolves locations against one) instead of supplied."""
-    import onnx
-
-    model = onnx.load_from_string(payload)
+    model = proto.parse(payload)
     for init in model.graph.initializer:
         region = regions.get(init.name)
         if region is None:
@@ -86,38 +83,25 @@ def check_untrusted(payload: bytes) -> None:
     """Raise ValueError unless the payload is an ONNX model whose only external data are
     the weights nativert supplies: a model naming files (external data at other locations)
     would make ONNX Runtime read them."""
-    import onnx
-
     try:
-        model = onnx.load_from_string(payload)
-    except Exception as exc:  # onnx raises DecodeError and friends
+        model = proto.parse(payload)
+    except Exception as exc:  # protobuf's DecodeError and friends
         raise ValueError(f"not an ONNX model ({type(exc).__name__}: {exc})") from None
-    for tensor in _tensors(model.graph):
+    for tensor in proto.tensors(model.graph):
         locations = [e.value for e in tensor.external_data if e.key == "location"]
-        if tensor.data_location == onnx.TensorProto.EXTERNAL and locations != [_EXTERNAL_MARKER]:
+        if tensor.data_location == proto.EXTERNAL and locations != [_EXTERNAL_MARKER]:
             raise ValueError(
                 f"tensor {tensor.name!r} reads external data from {locations}; nativert payloads "
                 "take their weights from the program, never from files"
             )
-    if model.functions or any(
-        op.domain not in ("", "ai.onnx", "com.microsoft") for op in model.opset_import
+    if (
+        model.functions
+        or model.training_info
+        or any(op.domain not in ("", "ai.onnx", "com.microsoft") for op in model.opset_import)
     ):
-        raise ValueError("it uses ONNX functions or operator domains nativert never writes")
-
-
-def _tensors(graph: Any) -> Any:
-    """Every tensor an ONNX graph holds: initializers and attribute tensors, in subgraphs too."""
-    yield from graph.initializer
-    yield from (sparse.values for sparse in graph.sparse_initializer)
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
-            if attribute.HasField("g"):
-                yield from _tensors(attribute.g)
-            for subgraph in attribute.graphs:
-                yield from _tensors(subgraph)
+        raise ValueError(
+            "it uses ONNX functions, training info or operator domains nativert never writes"
+        )
 
 
 def _export_failure(exc: BaseException) -> str:
