@@ -111,21 +111,6 @@ def inputs_of(name: str) -> tuple:
     return MODELS[name][1]()
 
 
-def memory() -> dict[str, float]:
-    """This process's RSS, PSS and peak RSS, in MiB."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) / 1024
-    with open("/proc/self/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                out["Pss"] = int(line.split()[1]) / 1024
-    return out
-
-
 def build(name: str, folder: Path) -> None:
     """Write every file the ways load (each once: delete --dir to rebuild)."""
     from _harness import plain_onnx
@@ -253,6 +238,7 @@ def measure(way: str, name: str, folder: Path, hold: bool = False) -> dict[str, 
     import openvino  # noqa: F401
 
     import nativert  # noqa: F401
+    from nativert.backend.runtime.memory import process_memory as memory
 
     inputs = inputs_of(name)
     load, file = WAYS[way]
@@ -272,16 +258,16 @@ def measure(way: str, name: str, folder: Path, hold: bool = False) -> dict[str, 
             times.append(time.perf_counter() - start)
     result = {
         "load_s": load_s,
-        "rss_load_mib": loaded["VmRSS"] - before["VmRSS"],
-        "rss_mib": after["VmRSS"] - before["VmRSS"],
-        "pss_mib": after["Pss"] - before["Pss"],
-        "peak_mib": after["VmHWM"] - before["VmRSS"],
+        "rss_load_mib": loaded["rss"] - before["rss"],
+        "rss_mib": after["rss"] - before["rss"],
+        "pss_mib": after["pss"] - before["pss"],
+        "peak_mib": after["peak"] - before["rss"],
         "ms": sorted(times)[len(times) // 2] * 1e3,
     }
     if hold:
         print(json.dumps(result), flush=True)
         sys.stdin.read()
-        result["pss_held_mib"] = memory()["Pss"] - before["Pss"]
+        result["pss_held_mib"] = memory()["pss"] - before["pss"]
     return result
 
 

@@ -151,20 +151,6 @@ def _nbytes(tensors: Any) -> int:
     return sum(seen.values())
 
 
-def _memory_mib() -> tuple[float, float]:
-    """This process's (RSS, peak RSS) in MiB, from /proc (0 where there is none)."""
-    values = {"VmRSS": 0.0, "VmHWM": 0.0}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in values:
-                    values[key] = int(rest.split()[0]) / 1024
-    except OSError:
-        pass
-    return values["VmRSS"], values["VmHWM"]
-
-
 def _random_inputs(program, size: int) -> list[torch.Tensor]:
     """Inputs for every user input: dynamic dims at `size` (within their range)."""
     from nativert._program import finite_int
@@ -210,8 +196,9 @@ def bench(args: argparse.Namespace) -> int:
     import threading
 
     import nativert
+    from nativert.backend.runtime.memory import process_memory
 
-    rss_before, _ = _memory_mib()
+    rss_before = process_memory()["rss"]
     start = time.perf_counter()
     # bench feeds tensors and times calls: it needs no output type (plain containers)
     program = nativert.load(
@@ -261,7 +248,8 @@ def bench(args: argparse.Namespace) -> int:
     )
     total = args.threads * (args.runs + args.warmup)
     print(f"  throughput: {total / wall:.0f} calls/s")
-    rss, peak = _memory_mib()
+    memory = process_memory()
+    rss, peak = memory["rss"], memory["peak"]
     print(
         f"  memory: RSS {rss:.0f} MiB ({rss - rss_before:+.0f} MiB for the model), peak "
         f"{peak:.0f} MiB; load + Executor {load_s:.2f} s"

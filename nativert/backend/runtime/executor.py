@@ -33,9 +33,10 @@ from torch.fx import GraphModule, Node
 from nativert._program import WEIGHT_KINDS, weight_tensor
 from nativert._program.inputs import InputSpecs
 from nativert._program.mapped import release
+from nativert.backend.runtime.memory import return_freed_memory
 from nativert.backend.runtime.profile import ProfileRow, ProfileTable
 from nativert.backend.runtime.tokens import remove_effect_tokens
-from nativert.backend.runtime.weights import return_freed_memory, validate_update
+from nativert.backend.runtime.weights import validate_update
 from nativert.call_delegate import call_delegate
 from nativert.delegate import DelegateExecutor
 from nativert.errors import NativertError, WeightsError

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 from collections.abc import Mapping
 
 import torch
@@ -34,25 +31,3 @@ def validate_update(
         {k: current[k] for k in common}, {k: given[k] for k in common}, owner="update_weights"
     )
     return missing, unexpected
-
-
-@functools.cache
-def _malloc_trim():
-    """glibc's malloc_trim, or None (another C library)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def return_freed_memory() -> None:
-    """Give the heap pages freed since (an old session's packed weights) back to the system.
-
-    A runtime's weights are freed into the C heap when the last call on them ends, and glibc
-    keeps freed heap memory for reuse: measured on a 64 MiB model, RSS stayed 104 MiB higher
-    after a weight swap in one run out of two, and dropped to the one-copy level once trimmed.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)

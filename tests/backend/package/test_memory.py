@@ -21,7 +21,7 @@ from torch.testing import assert_close
 import nativert
 from nativert._program.mapped import file_region
 from nativert.backend.package.serde import dict_to_dataclass
-from nativert.backend.runtime.weights import return_freed_memory
+from nativert.backend.runtime.memory import process_memory, return_freed_memory
 
 MIB = 1 << 20
 
@@ -30,11 +30,7 @@ def _rss_mib() -> float:
     """RSS after handing free heap pages back (others' garbage would hide a new copy)."""
     gc.collect()
     return_freed_memory()
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    return process_memory()["rss"]
 
 
 class Tall(nn.Module):
