@@ -83,9 +83,9 @@ def _forget(ptr: int, entry: _Mapped) -> None:
             del _STORAGES[ptr]
 
 
-def file_region(tensor: torch.Tensor) -> FileRegion | None:
-    """Where `tensor`'s bytes are in a package file, or None (not mapped, written since,
-    or not one dense block)."""
+def _lookup(tensor: torch.Tensor) -> tuple[_Mapped, FileRegion] | None:
+    """The mapping record of `tensor`'s storage and the tensor's bytes in the file, or None
+    (not mapped, written since, or not one dense block)."""
     if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
         return None
     if tensor.layout != torch.strided or not tensor.is_contiguous():
@@ -99,7 +99,14 @@ def file_region(tensor: torch.Tensor) -> FileRegion | None:
     nbytes = tensor.numel() * tensor.element_size()
     if start + nbytes > entry.nbytes:
         return None
-    return FileRegion(entry.path, entry.offset + start, nbytes, entry.identity)
+    return entry, FileRegion(entry.path, entry.offset + start, nbytes, entry.identity)
+
+
+def file_region(tensor: torch.Tensor) -> FileRegion | None:
+    """Where `tensor`'s bytes are in a package file, or None (not mapped, written since,
+    or not one dense block)."""
+    found = _lookup(tensor)
+    return None if found is None else found[1]
 
 
 def release(tensors: Iterable[torch.Tensor]) -> None:
@@ -109,21 +116,17 @@ def release(tensors: Iterable[torch.Tensor]) -> None:
     maps them again, with the file's bytes, which is what they hold (written tensors and
     pages shared with a neighbouring tensor are left alone)."""
     for tensor in tensors:
-        region = file_region(tensor)
-        if region is None:
-            continue
-        with _LOCK:
-            entry = _STORAGES.get(tensor.untyped_storage().data_ptr())
-        owner = entry.owner() if entry is not None else None
-        if owner is None:
-            continue
-        first = -(-region.offset // mmap.PAGESIZE) * mmap.PAGESIZE
-        last = (region.offset + region.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-        drop_pages(owner, first, last)
+        found = _lookup(tensor)
+        owner = None if found is None else found[0].owner()
+        if owner is not None:
+            drop_pages(owner, found[1].offset, found[1].nbytes)
 
 
-def drop_pages(mapping: mmap.mmap, first: int, last: int) -> None:
-    """madvise(MADV_DONTNEED) the mapping's whole pages in [first, last), where the system
-    has it (Linux, macOS); elsewhere the pages simply stay."""
+def drop_pages(mapping: mmap.mmap, offset: int, nbytes: int) -> None:
+    """madvise(MADV_DONTNEED) the whole pages of the mapping within `nbytes` bytes from
+    `offset` (the edge pages may hold a neighbour's bytes: they stay), where the system has
+    it (Linux, macOS); elsewhere the pages simply stay."""
+    first = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = (offset + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first and hasattr(mmap, "MADV_DONTNEED") and hasattr(mapping, "madvise"):
         mapping.madvise(mmap.MADV_DONTNEED, first, last - first)

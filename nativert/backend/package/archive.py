@@ -194,9 +194,7 @@ class Archive:
                 raise PackageError(f"{self.path}: member {name} is corrupted: bad CRC-32")
         finally:
             view.release()
-        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-        last = (start + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-        drop_pages(mapped, first, last)  # whole pages: a neighbour may share the edge pages
+        drop_pages(mapped, start, nbytes)
 
     def check_mapped(self) -> None:
         """Wait for the digest checks of every mapped member; raise the first failure. Call
